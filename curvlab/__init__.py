@@ -1,0 +1,25 @@
+"""curvlab: curvature diagnostics for neural networks.
+
+One :func:`capture` (one forward, one batched backward) feeds every curvature object:
+:class:`ExactFisher` and :class:`BlockDiagFisher` (Woodbury, exact), :class:`KFAC`,
+:class:`FOOF` and :class:`EKFAC`.  See DESIGN.md for the conventions.
+"""
+
+from curvlab import config
+from curvlab.capture import Capture, LayerCapture, capture
+from curvlab.curvature import EKFAC, FOOF, KFAC, BlockDiagFisher, Curvature, ExactFisher
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "config",
+    "capture",
+    "Capture",
+    "LayerCapture",
+    "Curvature",
+    "ExactFisher",
+    "BlockDiagFisher",
+    "KFAC",
+    "FOOF",
+    "EKFAC",
+]

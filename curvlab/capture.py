@@ -1,0 +1,225 @@
+"""The one backend: one forward pass and one batched backward, recorded per layer.
+
+:func:`capture` is the only code in curvlab that touches autograd hooks.  Every
+curvature object is built from the :class:`Capture` it returns and never runs the
+model again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.errors import ShapeError, UnsupportedModelError
+from curvlab.layers import LayerInfo, find_layers
+from curvlab.losses import FISHER_TYPES, check_loss, check_targets, fisher_columns, loss_scales
+from curvlab.numerics import check_finite, check_vector
+
+
+@dataclass
+class LayerCapture:
+    """What one supported layer saw during the capture.
+
+    Attributes:
+        info: Static layer description (name, sizes, flat-layout offset).
+        a: Homogeneous layer inputs ``(N, T, d_in_h)``: Linear inputs with leading
+            dimensions flattened into ``T`` (``T = 1`` for 2-D inputs), conv inputs
+            unfolded to patches (``T`` = output locations), plus a trailing 1 when
+            the layer has a trainable bias.
+        e: Output-gradient columns ``(C', N, T, d_out)``: the Fisher columns
+            backpropagated to the layer output.
+    """
+
+    info: LayerInfo
+    a: Tensor
+    e: Tensor
+
+    @property
+    def name(self) -> str:
+        """The layer's module name."""
+        return self.info.name
+
+
+@dataclass
+class Capture:
+    """Everything the curvature objects need, from one forward and one backward.
+
+    Attributes:
+        layers: One :class:`LayerCapture` per supported layer, in flat-layout order.
+        grad: Mini-batch gradient ``∇L`` as a flat vector ``(P,)`` (DESIGN.md layout).
+        columns: The Fisher columns ``g_nc`` in output space, ``(C', N, C)``.
+        scale: ``s`` with ``F = s · Σ_nc J_nᵀ g_nc g_ncᵀ J_n`` (1/N for mean, 1 for sum).
+        loss: The mini-batch loss value.
+        output: The detached model output ``(N, C)``.
+        fisher: ``"mc"``, ``"exact"`` or ``"empirical"``.
+        mc_samples: Labels sampled per input for ``"mc"``.
+    """
+
+    layers: list[LayerCapture]
+    grad: Tensor
+    columns: Tensor
+    scale: float
+    loss: float
+    output: Tensor
+    fisher: str
+    mc_samples: int
+
+    @property
+    def num_params(self) -> int:
+        """``P``, the length of flat vectors."""
+        return sum(lc.info.num_params for lc in self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        """``N``."""
+        return self.output.shape[0]
+
+    @property
+    def num_columns(self) -> int:
+        """``C'``, Fisher columns per input."""
+        return self.columns.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of every captured tensor (the model's)."""
+        return self.grad.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype."""
+        return self.grad.dtype
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The captured parameters in flat-layout order."""
+        return [p for lc in self.layers for p in lc.info.params]
+
+    def split(self, v: Tensor) -> dict[str, Tensor]:
+        """Flat vector ``(P,)`` -> per-layer ``[W | b]`` matrices ``(d_out, d_in_h)``."""
+        check_vector(v, self.num_params)
+        return {lc.name: lc.info.to_matrix(v[lc.info.slice]) for lc in self.layers}
+
+    def join(self, mats: dict[str, Tensor]) -> Tensor:
+        """Inverse of :meth:`split`."""
+        return torch.cat([lc.info.to_flat(mats[lc.name]).reshape(-1) for lc in self.layers])
+
+    def params_vector(self) -> Tensor:
+        """The current parameter values as a flat vector."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+
+def capture(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    fisher: str = "mc",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Capture:
+    """Run one forward and one batched backward and record what curvature needs.
+
+    Args:
+        model: Network whose trainable parameters all live in ``nn.Linear``,
+            ``nn.Conv1d`` or ``nn.Conv2d`` (``groups=1``) modules; other modules
+            must be parameter-free or frozen.  Must output ``(N, C)``.
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
+            with reduction ``"mean"`` or ``"sum"``.
+        inputs: Batch of ``N`` inputs on the model's device.
+        targets: Labels (class indices or probabilities for cross-entropy, the
+            output's shape otherwise).
+        fisher: ``"mc"`` (sampled labels), ``"exact"`` (type-2 Fisher = GGN) or
+            ``"empirical"`` (data labels).
+        mc_samples: Sampled labels per input for ``"mc"`` (``C' = mc_samples``).
+        generator: Random generator for ``"mc"``, for reproducible samples.
+
+    Returns:
+        The :class:`Capture`; all of its tensors live on the model's device.
+    """
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher={fisher!r} is unknown; choose one of {', '.join(FISHER_TYPES)}.")
+    if int(mc_samples) != mc_samples or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+    check_loss(loss_fn)
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise ShapeError("inputs and targets must be torch.Tensors.")
+    if inputs.shape[0] != targets.shape[0]:
+        raise ShapeError(
+            f"inputs have batch size {inputs.shape[0]} but targets {targets.shape[0]}."
+        )
+    check_finite(inputs, "inputs")
+    layers = find_layers(model)
+
+    saved: dict[str, tuple[Tensor, Tensor]] = {}
+    handles = [
+        info.module.register_forward_hook(_recorder(info, saved)) for info in layers
+    ]
+    try:
+        with torch.enable_grad():
+            output = model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [info.name for info in layers if info.name not in saved]
+    if missing:
+        raise UnsupportedModelError(
+            f"layers {missing} have trainable parameters but were not used in the forward "
+            "pass; freeze them."
+        )
+    if not isinstance(output, Tensor):
+        raise ShapeError("the model must return a single tensor of shape (N, C).")
+    check_targets(loss_fn, output, targets)
+    check_finite(output, "model output", "Check the inputs and the parameters.")
+
+    loss = loss_fn(output, targets)
+    (grad_output,) = torch.autograd.grad(loss, output, retain_graph=True)
+    f = output.detach()
+    cols = fisher_columns(loss_fn, f, grad_output.detach(), fisher, mc_samples, generator)
+    scale, _ = loss_scales(loss_fn, f)
+    # One batched backward: the gradient column first, then the C' Fisher columns.
+    grad_outputs = torch.cat([grad_output.unsqueeze(0), cols.to(f.dtype)])
+    outs = [saved[info.name][1] for info in layers]
+    layer_grads = torch.autograd.grad(
+        output, outs, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True
+    )
+
+    records: list[LayerCapture] = []
+    grads: list[Tensor] = []
+    for info, g in zip(layers, layer_grads):
+        x, out = saved[info.name]
+        if g is None:
+            g = torch.zeros((grad_outputs.shape[0], *out.shape), dtype=f.dtype, device=f.device)
+        rows = info.output_rows(g.detach())
+        check_finite(rows, f"output gradients of layer '{info.name}'")
+        a = info.unfold(x)
+        records.append(LayerCapture(info, a, rows[1:]))
+        grads.append(info.to_flat(torch.einsum("nto,ntk->ok", rows[0], a)).reshape(-1))
+    return Capture(
+        layers=records,
+        grad=torch.cat(grads),
+        columns=cols,
+        scale=scale,
+        loss=float(loss.detach()),
+        output=f,
+        fisher=fisher,
+        mc_samples=int(mc_samples) if fisher == "mc" else 1,
+    )
+
+
+def _recorder(info: LayerInfo, saved: dict[str, tuple[Tensor, Tensor]]):
+    def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+        if info.name in saved:
+            raise UnsupportedModelError(
+                f"module '{info.name}' ({type(module).__name__}) is called more than once "
+                "per forward pass; layers reused within one pass are not supported."
+            )
+        if len(args) != 1:
+            raise UnsupportedModelError(f"module '{info.name}' received {len(args)} inputs.")
+        saved[info.name] = (args[0].detach(), out)
+        # Hand a copy downstream so that in-place ops (e.g. ReLU(inplace=True)) cannot
+        # rewrite the tensor whose gradient is taken.
+        return out.clone()
+
+    return hook

@@ -1,0 +1,41 @@
+"""Global, user-adjustable limits (memory budget, chunk size).
+
+Change them in code (``curvlab.config.options.memory_budget = 8 * 2**30``) or with the
+environment variables ``CURVLAB_MEMORY_BUDGET`` / ``CURVLAB_CHUNK_BYTES`` (bytes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+GiB = 2**30
+MiB = 2**20
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(float(raw))
+    except ValueError as err:
+        raise ValueError(f"{name}={raw!r} is not a number of bytes") from err
+
+
+@dataclass
+class Options:
+    """Limits every curvature object respects.
+
+    Attributes:
+        memory_budget: Bytes one Gram matrix (with its factorisation) or one dense
+            matrix may take; larger requests raise :class:`~curvlab.errors.MemoryBudgetError`.
+        chunk_bytes: Bytes of temporaries per chunk when assembling Grams and
+            per-sample quantities.
+    """
+
+    memory_budget: int = field(default_factory=lambda: _env_int("CURVLAB_MEMORY_BUDGET", 4 * GiB))
+    chunk_bytes: int = field(default_factory=lambda: _env_int("CURVLAB_CHUNK_BYTES", 128 * MiB))
+
+
+options = Options()

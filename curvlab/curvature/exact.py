@@ -1,0 +1,185 @@
+"""Exact subsampled Fisher/GGN through the Woodbury identity.
+
+With ``U`` the ``P x (N C')`` matrix of per-column gradients and ``F = s U Uᵀ``:
+
+    (F + λI)⁻¹ v = (v − U (λ/s I + UᵀU)⁻¹ Uᵀ v) / λ,
+
+where ``K = UᵀU`` is assembled layer by layer (:mod:`curvlab.curvature.gram`) and
+``Uᵀ v`` / ``U c`` are computed from the captured inputs and output-gradients.  ``U``
+is never formed for the network.  :class:`ExactFisher` covers all layers;
+:class:`BlockDiagFisher` keeps only each layer's diagonal block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvlab.capture import Capture, LayerCapture
+from curvlab.config import options
+from curvlab.curvature.base import Curvature, LayerwiseCurvature
+from curvlab.curvature.gram import layer_gram, per_sample_gradients
+from curvlab.errors import MemoryBudgetError, SingularMatrixError
+from curvlab.numerics import SOLVE_DTYPE, compute_dtype, require_positive
+
+
+class GramFisher(Curvature):
+    """``s U Uᵀ`` restricted to a set of layers, handled through its Gram matrix.
+
+    Args:
+        capture: The capture to read.
+        layers: Which captured layers (default: all); a single layer gives a
+            diagonal block.
+        memory_budget: Bytes the Gram and its factorisation may take (default
+            ``curvlab.config.options.memory_budget``).
+        scheme: Gram scheme for layers with ``T > 1`` (``"auto"``, ``"pairs"``,
+            ``"per_sample"``).
+    """
+
+    def __init__(
+        self,
+        capture: Capture,
+        layers: list[LayerCapture] | None = None,
+        memory_budget: int | None = None,
+        scheme: str = "auto",
+    ):
+        self._layers = list(capture.layers if layers is None else layers)
+        self.scale = capture.scale
+        self.num_columns = capture.batch_size * capture.num_columns
+        self.num_params = sum(lc.info.num_params for lc in self._layers)
+        self.device = capture.device
+        self.dtype = compute_dtype(capture.dtype)
+        self._capture, self._scheme = capture, scheme
+        self._sizes = [lc.info.num_params for lc in self._layers]
+        self._check_budget(options.memory_budget if memory_budget is None else memory_budget)
+        self._gram: Tensor | None = None
+        self._factor: tuple[float, Tensor] | None = None
+
+    def _check_budget(self, budget: int) -> None:
+        cols = self.num_columns
+        need = cols * cols * (2 * 8 + torch.empty(0, dtype=self.dtype).element_size())
+        if need > budget:
+            raise MemoryBudgetError(
+                f"the Gram matrix has N·C' = {cols} rows and columns and needs about "
+                f"{need / 2**30:.2f} GiB (float64 Gram, its Cholesky factor and one "
+                f"assembly buffer), over the memory budget of {budget / 2**30:.2f} GiB. "
+                "Use a smaller batch, fisher='mc' (one column per sample), or raise the "
+                "budget (memory_budget=... or curvlab.config.options.memory_budget); "
+                "lower curvlab.config.options.chunk_bytes to shrink assembly temporaries."
+            )
+
+    @property
+    def gram(self) -> Tensor:
+        """``K = UᵀU``, ``(N C', N C')`` in float64, rows ordered ``(n, c)``."""
+        if self._gram is None:
+            total = torch.zeros(
+                self.num_columns, self.num_columns, dtype=SOLVE_DTYPE, device=self.device
+            )
+            for lc in self._layers:
+                a, e = lc.a.to(self.dtype), lc.e.to(self.dtype)
+                total += layer_gram(a, e, self._scheme)
+            self._gram = total
+        return self._gram
+
+    @property
+    def blocks(self) -> dict[str, Curvature]:
+        if len(self._layers) == 1:
+            return {self._layers[0].name: self}
+        return {lc.name: GramFisher(self._capture, [lc], scheme=self._scheme) for lc in self._layers}
+
+    def _split(self, v: Tensor) -> list[Tensor]:
+        return [lc.info.to_matrix(x) for lc, x in zip(self._layers, v.split(self._sizes))]
+
+    def _ut(self, v: Tensor) -> Tensor:
+        """``Uᵀ v`` as a float64 vector of length ``N C'``, order ``(n, c)``."""
+        out = torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
+        for lc, mat in zip(self._layers, self._split(v)):
+            av = lc.a.to(self.dtype) @ mat.T  # (N, T, d_out)
+            out += torch.einsum("cnto,nto->nc", lc.e.to(self.dtype), av).reshape(-1).double()
+        return out
+
+    def _u(self, coef: Tensor) -> Tensor:
+        """``U c`` for ``c`` of length ``N C'`` (order ``(n, c)``) as a flat vector."""
+        n = self._capture.batch_size
+        cc = coef.to(self.dtype).view(n, -1)
+        parts = []
+        for lc in self._layers:
+            ec = torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype))
+            mat = torch.einsum("nto,ntk->ok", ec, lc.a.to(self.dtype))
+            parts.append(lc.info.to_flat(mat).reshape(-1))
+        return torch.cat(parts)
+
+    def _mv(self, v: Tensor) -> Tensor:
+        return self.scale * self._u(self._ut(v))
+
+    def _solve(self, v: Tensor, damping: float) -> Tensor:
+        if damping == 0:
+            return self._solve_undamped(v)
+        if self._factor is None or self._factor[0] != damping:
+            eye = torch.eye(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
+            chol, info = torch.linalg.cholesky_ex(self.gram + (damping / self.scale) * eye)
+            if info.item() != 0:
+                raise SingularMatrixError(
+                    f"λ/s·I + UᵀU is not numerically positive definite at damping={damping}; "
+                    "increase the damping."
+                )
+            self._factor = (damping, chol)
+        coef = torch.cholesky_solve(self._ut(v).unsqueeze(1), self._factor[1]).squeeze(1)
+        return (v - self._u(coef)) / damping
+
+    def _solve_undamped(self, v: Tensor) -> Tensor:
+        if self.num_params > self.num_columns:
+            raise SingularMatrixError(
+                f"the Fisher has rank at most N·C' = {self.num_columns} < P = "
+                f"{self.num_params}, so it is singular; pass a damping > 0."
+            )
+        evals, evecs = torch.linalg.eigh(self.to_dense().to(SOLVE_DTYPE))
+        require_positive(evals, "the Fisher")
+        x = evecs @ ((evecs.T @ v.to(SOLVE_DTYPE)) / evals)
+        return x.to(self.dtype)
+
+    def per_sample_gradients(self) -> Tensor:
+        """``Uᵀ`` as ``(N C', P)``: one row per (sample, column). Small problems only."""
+        rows = []
+        for lc in self._layers:
+            g = per_sample_gradients(lc.a.to(self.dtype), lc.e.permute(1, 0, 2, 3).to(self.dtype))
+            rows.append(lc.info.to_flat(g).reshape(self.num_columns, -1))
+        return torch.cat(rows, dim=1)
+
+    def _dense(self) -> Tensor:
+        u = self.per_sample_gradients()
+        return self.scale * (u.T @ u)
+
+    def eigvalsh(self) -> Tensor:
+        """The ``N C'`` eigenvalues of ``s K`` (all non-zero eigenvalues of the Fisher,
+        padded with zeros where ``rank < N C'``), ascending."""
+        return torch.linalg.eigvalsh(self.scale * self.gram).to(self.dtype)
+
+    def trace(self) -> Tensor:
+        return (self.scale * self.gram.diagonal().sum()).to(self.dtype)
+
+    def frobenius_norm(self) -> Tensor:
+        return (self.scale * torch.linalg.matrix_norm(self.gram)).to(self.dtype)
+
+
+class ExactFisher(GramFisher):
+    """The full-network subsampled Fisher/GGN ``F = s U Uᵀ`` (type from the capture).
+
+    ``solve(v, λ) = (F + λI)⁻¹ v`` through Woodbury (Cholesky of ``λ/s I + K`` in
+    float64, cached per λ).  ``blocks`` are the diagonal per-layer blocks.
+    """
+
+    def __init__(self, capture: Capture, memory_budget: int | None = None, scheme: str = "auto"):
+        super().__init__(capture, None, memory_budget, scheme)
+
+
+class BlockDiagFisher(LayerwiseCurvature):
+    """Block-diagonal exact Fisher/GGN: one exact (Woodbury) block per layer.
+
+    A layer's weight and bias form one block.
+    """
+
+    def __init__(self, capture: Capture, memory_budget: int | None = None, scheme: str = "auto"):
+        super().__init__(
+            {lc.name: GramFisher(capture, [lc], memory_budget, scheme) for lc in capture.layers}
+        )

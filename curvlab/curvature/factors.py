@@ -1,0 +1,77 @@
+"""Kronecker factors from a capture (KFAC / KFC "expand" convention).
+
+For a layer with homogeneous inputs ``ā (N, T, d_in_h)`` and output-gradient columns
+``e (C', N, T, d_out)``:
+
+    A = Σ_{n,t} ā_nt ā_ntᵀ / (N T),        G = s Σ_{c,n,t} e_nct e_nctᵀ,
+
+so that ``A ⊗ G`` has the Fisher's scale (curvlinops ``kfac_approx="expand"``; for
+conv layers this is KFC's Ω ⊗ Γ).  In the row-major ``[W | b]`` layout the dense block
+is ``kron(G, A)``.  Factors are accumulated in the compute dtype and returned in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from curvlab.capture import LayerCapture
+from curvlab.numerics import SOLVE_DTYPE, compute_dtype
+
+
+def input_factor(a: Tensor) -> Tensor:
+    """``A`` of shape ``(d_in_h, d_in_h)`` in float64 from ``a (N, T, d_in_h)``."""
+    flat = a.reshape(-1, a.shape[-1]).to(compute_dtype(a.dtype))
+    return (flat.T @ flat).to(SOLVE_DTYPE) / flat.shape[0]
+
+
+def grad_factor(e: Tensor, scale: float) -> Tensor:
+    """``G`` of shape ``(d_out, d_out)`` in float64 from ``e (C', N, T, d_out)``."""
+    flat = e.reshape(-1, e.shape[-1]).to(compute_dtype(e.dtype))
+    return scale * (flat.T @ flat).to(SOLVE_DTYPE)
+
+
+@dataclass
+class Eigen:
+    """Symmetric eigendecomposition ``M = Q diag(values) Qᵀ`` (float64)."""
+
+    values: Tensor
+    vectors: Tensor
+
+    @classmethod
+    def of(cls, m: Tensor) -> "Eigen":
+        values, vectors = torch.linalg.eigh(m.to(SOLVE_DTYPE))
+        return cls(values.clamp_min(0.0), vectors)
+
+
+@dataclass
+class LayerFactors:
+    """``A``, ``G`` and their eigendecompositions for one captured layer."""
+
+    layer: LayerCapture
+    A: Tensor
+    G: Tensor
+
+    @classmethod
+    def of(cls, layer: LayerCapture, scale: float) -> "LayerFactors":
+        return cls(layer, input_factor(layer.a), grad_factor(layer.e, scale))
+
+    @cached_property
+    def eig_A(self) -> Eigen:
+        return Eigen.of(self.A)
+
+    @cached_property
+    def eig_G(self) -> Eigen:
+        return Eigen.of(self.G)
+
+    @property
+    def pi(self) -> float:
+        """π = sqrt((tr A / dim A) / (tr G / dim G)) of the heuristic damping (1 if a trace is 0)."""
+        ta = self.A.trace() / self.A.shape[0]
+        tg = self.G.trace() / self.G.shape[0]
+        if ta <= 0 or tg <= 0:
+            return 1.0
+        return float((ta / tg).sqrt())

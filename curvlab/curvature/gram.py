@@ -1,0 +1,128 @@
+"""Per-layer Gram matrices ``K_l = U_lᵀ U_l`` from layer inputs and output-gradients.
+
+``U_l`` holds one column per (sample n, Fisher column c): the gradient of
+``g_ncᵀ f_n`` w.r.t. the layer's ``[W | b]``, i.e. ``Σ_t e_nct ā_ntᵀ``.  Its Gram is
+
+    K_l[(n,c), (m,d)] = Σ_{t,t'} (ā_nt · ā_mt') (e_nct · e_mdt'),
+
+assembled without ever forming ``U`` for the network.  Two exact schemes exist for
+``T > 1`` (conv, sequences); :func:`choose_scheme` picks the cheaper one:
+
+* ``"pairs"``: the location-pair double sum, ``O((N C' T)² d_out + (N T)² d_in)``;
+* ``"per_sample"``: the layer's per-sample gradients ``(N C', d_out d_in)`` and their
+  Gram, ``O(N C' T d_out d_in + (N C')² d_out d_in)``.
+
+Rows are ordered ``(n, c)`` (sample-major).  Work is chunked over rows so that
+temporaries stay within ``curvlab.config.options.chunk_bytes``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvlab.config import options
+
+SCHEMES = ("auto", "pairs", "per_sample")
+
+
+def scheme_costs(n: int, c: int, t: int, d_in: int, d_out: int) -> dict[str, float]:
+    """Multiply-add counts of the two schemes for one layer."""
+    rows = n * c
+    return {
+        "pairs": (rows * t) ** 2 * (d_out + 1) + (n * t) ** 2 * d_in,
+        "per_sample": rows * t * d_out * d_in + rows**2 * d_out * d_in,
+    }
+
+
+def choose_scheme(n: int, c: int, t: int, d_in: int, d_out: int) -> str:
+    """The cheaper exact scheme (``"pairs"`` when ``T = 1``, where both coincide)."""
+    if t == 1:
+        return "pairs"
+    costs = scheme_costs(n, c, t, d_in, d_out)
+    return min(costs, key=costs.get)
+
+
+def _rows_per_chunk(bytes_per_row: int, element_size: int) -> int:
+    return max(1, options.chunk_bytes // max(1, bytes_per_row * element_size))
+
+
+def layer_gram(a: Tensor, e: Tensor, scheme: str = "auto") -> Tensor:
+    """Exact Gram of one layer.
+
+    Args:
+        a: Homogeneous inputs ``(N, T, d_in_h)``.
+        e: Output-gradient columns ``(C', N, T, d_out)``.
+        scheme: ``"auto"``, ``"pairs"`` or ``"per_sample"``.
+
+    Returns:
+        ``K_l`` of shape ``(N C', N C')`` in the dtype of ``a``, rows ordered ``(n, c)``.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme={scheme!r} is unknown; choose one of {', '.join(SCHEMES)}.")
+    c, n, t, d_out = e.shape
+    if scheme == "auto":
+        scheme = choose_scheme(n, c, t, a.shape[-1], d_out)
+    ee = e.permute(1, 0, 2, 3)  # (N, C', T, d_out)
+    if scheme == "per_sample":
+        return _gram_per_sample(a, ee)
+    if t == 1:
+        return _gram_single_location(a[:, 0], ee[:, :, 0])
+    return _gram_pairs(a, ee)
+
+
+def _gram_single_location(a: Tensor, e: Tensor) -> Tensor:
+    """T = 1: ``K = (A Aᵀ ⊗ 1 1ᵀ) ∘ (E Eᵀ)`` with ``a (N, d)``, ``e (N, C', o)``."""
+    n, c, o = e.shape
+    flat = e.reshape(n * c, o)
+    out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
+    aa = a @ a.T
+    step = _rows_per_chunk(n * c, a.element_size())
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        block = (flat[i * c : j * c] @ flat.T).view(j - i, c, n, c)
+        block.mul_(aa[i:j, None, :, None])
+        out[i * c : j * c] = block.view((j - i) * c, n * c)
+    return out
+
+
+def _gram_pairs(a: Tensor, e: Tensor) -> Tensor:
+    """Location-pair double sum with ``a (N, T, d)``, ``e (N, C', T, o)``."""
+    n, c, t, o = e.shape
+    e_all = e.reshape(n * c * t, o)
+    a_all = a.reshape(n * t, a.shape[-1])
+    out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
+    step = _rows_per_chunk(c * t * n * c * t, a.element_size())
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        b = j - i
+        ee = (e[i:j].reshape(b * c * t, o) @ e_all.T).view(b, c, t, n, c, t)
+        aa = (a[i:j].reshape(b * t, -1) @ a_all.T).view(b, t, n, t)
+        out[i * c : j * c] = torch.einsum("bxtmys,btms->bxmy", ee, aa).reshape(b * c, n * c)
+    return out
+
+
+def per_sample_gradients(a: Tensor, e: Tensor) -> Tensor:
+    """``Σ_t e_nct ā_ntᵀ`` for ``a (N, T, d)``, ``e (N, C', T, o)`` -> ``(N, C', o, d)``."""
+    return torch.einsum("ncto,ntk->ncok", e, a)
+
+
+def _gram_per_sample(a: Tensor, e: Tensor) -> Tensor:
+    n, c, _, o = e.shape
+    d = a.shape[-1]
+    out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
+    step = _rows_per_chunk(c * o * d, a.element_size())
+    if step >= n:
+        g = per_sample_gradients(a, e).reshape(n * c, o * d)
+        return torch.mm(g, g.T, out=out)
+    chunks = [(i, min(i + step, n)) for i in range(0, n, step)]
+    for i, j in chunks:
+        gi = per_sample_gradients(a[i:j], e[i:j]).reshape((j - i) * c, o * d)
+        for k, m in chunks:
+            if k < i:
+                continue
+            gk = gi if k == i else per_sample_gradients(a[k:m], e[k:m]).reshape((m - k) * c, -1)
+            block = gi @ gk.T
+            out[i * c : j * c, k * c : m * c] = block
+            out[k * c : m * c, i * c : j * c] = block.T
+    return out

@@ -1,0 +1,27 @@
+"""Exceptions raised by curvlab, each naming the problem and the way out."""
+
+from __future__ import annotations
+
+
+class CurvlabError(Exception):
+    """Base class of every error curvlab raises on purpose."""
+
+
+class UnsupportedModelError(CurvlabError, TypeError):
+    """A module with trainable parameters that curvlab cannot handle (or an unsupported loss)."""
+
+
+class ShapeError(CurvlabError, ValueError):
+    """Inputs, targets or vectors of the wrong shape."""
+
+
+class NonFiniteError(CurvlabError, ValueError):
+    """NaN or Inf in inputs, outputs, captured quantities or vectors."""
+
+
+class SingularMatrixError(CurvlabError, ValueError):
+    """A solve with damping ≤ 0 on a singular (or numerically singular) matrix."""
+
+
+class MemoryBudgetError(CurvlabError, MemoryError):
+    """An object (Gram matrix, dense matrix) would exceed the configured memory budget."""

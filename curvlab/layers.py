@@ -1,0 +1,207 @@
+"""Supported layers: discovery, input unfolding and the per-layer parameter layout.
+
+Every supported layer is treated as a matrix layer ``W̄ = [W | b]`` of shape
+``d_out x d_in_h`` acting on homogeneous inputs ``ā = [a, 1]`` (the 1 only when
+the layer has a trainable bias; ``d_in_h = d_in + has_bias``).  Conv weights
+``(C_out, C_in, *k)`` are the matrix ``(C_out, C_in·∏k)`` that multiplies
+unfolded patches, so a layer's parameters always read as one ``d_out x d_in_h``
+matrix.  The flat vector layout (DESIGN.md) is the weight flattened row-major
+followed by the bias; :meth:`LayerInfo.to_matrix` / :meth:`LayerInfo.to_flat`
+convert between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvlab.errors import UnsupportedModelError
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class LayerInfo:
+    """Static description of one supported layer.
+
+    Attributes:
+        name: The module's name in ``model.named_modules()``.
+        module: The module itself.
+        kind: ``"linear"``, ``"conv1d"`` or ``"conv2d"``.
+        has_bias: Whether a trainable bias is part of the layer's parameters.
+        d_in: Input features (``C_in·∏kernel`` for conv), without the homogeneous 1.
+        d_out: Output features (``C_out`` for conv).
+        offset: Start of this layer's slice in the flat parameter vector.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    has_bias: bool
+    d_in: int
+    d_out: int
+    offset: int
+
+    @property
+    def d_in_h(self) -> int:
+        """Columns of ``[W | b]``: ``d_in`` plus one for a trainable bias."""
+        return self.d_in + int(self.has_bias)
+
+    @property
+    def num_params(self) -> int:
+        """Number of entries of this layer in the flat vector."""
+        return self.d_out * self.d_in_h
+
+    @property
+    def slice(self) -> slice:
+        """This layer's slice of the flat parameter vector."""
+        return slice(self.offset, self.offset + self.num_params)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The layer's trainable parameters in flat-layout order (weight, then bias)."""
+        out = [self.module.weight]
+        if self.has_bias:
+            out.append(self.module.bias)
+        return out
+
+    def to_matrix(self, flat: Tensor) -> Tensor:
+        """Flat layer slice ``(..., num_params)`` -> ``[W | b]`` of shape ``(..., d_out, d_in_h)``."""
+        lead = flat.shape[:-1]
+        n_w = self.d_out * self.d_in
+        w = flat[..., :n_w].reshape(*lead, self.d_out, self.d_in)
+        if not self.has_bias:
+            return w
+        return torch.cat([w, flat[..., n_w:].unsqueeze(-1)], dim=-1)
+
+    def to_flat(self, mat: Tensor) -> Tensor:
+        """``[W | b]`` of shape ``(..., d_out, d_in_h)`` -> flat layer slice ``(..., num_params)``."""
+        lead = mat.shape[:-2]
+        w = mat[..., : self.d_in].reshape(*lead, -1)
+        if not self.has_bias:
+            return w
+        return torch.cat([w, mat[..., self.d_in]], dim=-1)
+
+    def flat_index(self) -> Tensor:
+        """Index ``p`` with ``flat[p] == [W | b].flatten()`` (row-major), for dense blocks."""
+        positions = torch.arange(self.num_params, dtype=torch.float64)
+        return self.to_matrix(positions).reshape(-1).long()
+
+    def unfold(self, x: Tensor) -> Tensor:
+        """Layer input -> ``(N, T, d_in_h)`` rows that ``[W | b]`` multiplies.
+
+        Linear: ``(N, ..., d_in)`` -> ``T = ∏(...)`` (1 for 2-D inputs).
+        Conv: patches in PyTorch's ``(C_in, *kernel)`` order, ``T`` = output locations.
+        """
+        m = self.module
+        if self.kind == "linear":
+            a = x.reshape(x.shape[0], -1, x.shape[-1])
+        else:
+            a = _unfold_conv(x, m)
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        return a
+
+    def output_rows(self, g: Tensor) -> Tensor:
+        """Output-shaped tensor ``(B, N, *out)`` -> ``(B, N, T, d_out)`` matching :meth:`unfold`."""
+        if self.kind == "linear":
+            return g.reshape(*g.shape[:2], -1, g.shape[-1])
+        return g.flatten(3).transpose(-1, -2) if g.dim() == 5 else g.transpose(-1, -2)
+
+
+def _unfold_conv(x: Tensor, m: nn.Conv1d | nn.Conv2d) -> Tensor:
+    """Unfold a conv input ``(N, C_in, *spatial)`` into patches ``(N, T, C_in·∏k)``."""
+    one_d = isinstance(m, nn.Conv1d)
+    if one_d:
+        x = x.unsqueeze(-2)
+        kernel, stride, dilation = (1, *m.kernel_size), (1, *m.stride), (1, *m.dilation)
+    else:
+        kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
+    if isinstance(m.padding, str):
+        if m.padding == "same":
+            pads: list[int] = []
+            for k, d in zip(reversed(m.kernel_size), reversed(m.dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+        padding: tuple[int, ...] = (0, 0)
+    else:
+        padding = (0, *m.padding) if one_d else tuple(m.padding)
+    cols = F.unfold(x, kernel_size=kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
+
+
+def find_layers(model: nn.Module) -> list[LayerInfo]:
+    """The supported layers of ``model`` with trainable weights, in flat-layout order.
+
+    Raises:
+        UnsupportedModelError: a module with trainable parameters that is not
+            supported (named with its type), a conv with ``groups != 1`` or a
+            non-zero padding mode, a trainable bias on a frozen weight, or
+            parameters shared between modules.
+    """
+    layers: list[LayerInfo] = []
+    offset = 0
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        label = f"module '{name or '<root>'}' ({type(module).__name__})"
+        if not isinstance(module, SUPPORTED):
+            raise UnsupportedModelError(
+                f"{label} has trainable parameters but curvlab supports only "
+                "nn.Linear, nn.Conv1d and nn.Conv2d. Freeze it "
+                "(p.requires_grad_(False) for its parameters) or remove it."
+            )
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            if module.groups != 1:
+                raise UnsupportedModelError(
+                    f"{label} has groups={module.groups}; only groups=1 convolutions are "
+                    "supported. Freeze the layer or use groups=1."
+                )
+            if module.padding_mode != "zeros":
+                raise UnsupportedModelError(
+                    f"{label} uses padding_mode='{module.padding_mode}'; only 'zeros' is "
+                    "supported. Freeze the layer or pad explicitly before it."
+                )
+        if not module.weight.requires_grad:
+            raise UnsupportedModelError(
+                f"{label} has a frozen weight but a trainable bias; freeze both or neither."
+            )
+        for p in own:
+            if id(p) in seen:
+                raise UnsupportedModelError(
+                    f"{label} shares a parameter with another module; tied weights are "
+                    "not supported."
+                )
+            seen.add(id(p))
+        has_bias = module.bias is not None and module.bias.requires_grad
+        d_out = module.weight.shape[0]
+        d_in = module.weight[0].numel()
+        kind = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}[type(module)]
+        info = LayerInfo(name, module, kind, has_bias, d_in, d_out, offset)
+        layers.append(info)
+        offset += info.num_params
+    if not layers:
+        raise UnsupportedModelError(
+            "the model has no trainable nn.Linear/nn.Conv1d/nn.Conv2d layer to analyse."
+        )
+    _check_parameter_order(model, layers)
+    return layers
+
+
+def _check_parameter_order(model: nn.Module, layers: list[LayerInfo]) -> None:
+    """Ensure the layer-wise layout equals ``model.parameters()`` order (DESIGN.md)."""
+    ours = [id(p) for info in layers for p in info.params]
+    theirs = [id(p) for p in model.parameters() if p.requires_grad]
+    if ours != theirs:
+        raise UnsupportedModelError(
+            "the model registers its trainable parameters in an order that does not follow "
+            "its modules (weight then bias per layer); curvlab's flat vector layout would "
+            "not match model.parameters(). Register parameters through nn.Linear/nn.Conv "
+            "submodules."
+        )

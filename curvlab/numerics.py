@@ -1,0 +1,61 @@
+"""Dtype policy and small numerical helpers shared by the curvature objects.
+
+Policy (DESIGN.md): statistics (Grams, Kronecker factors) are accumulated in the
+*compute dtype* — the model's dtype, or float32 for half/bfloat16 models — and every
+solve and eigendecomposition runs in float64 (``SOLVE_DTYPE``).  Results return in the
+compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvlab.errors import NonFiniteError, ShapeError, SingularMatrixError
+
+SOLVE_DTYPE = torch.float64
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for accumulating statistics of a model in ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_finite(x: Tensor, what: str, hint: str = "") -> None:
+    """Raise :class:`NonFiniteError` if ``x`` has NaN or Inf entries."""
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise NonFiniteError(f"{what} contains {bad} NaN/Inf value(s). {hint}".strip())
+
+
+def check_vector(v: Tensor, size: int, what: str = "vector") -> None:
+    """Validate a flat vector of length ``size`` (DESIGN.md layout)."""
+    if not isinstance(v, Tensor):
+        raise ShapeError(f"{what} must be a torch.Tensor, got {type(v).__name__}.")
+    if v.dim() != 1 or v.shape[0] != size:
+        raise ShapeError(
+            f"{what} must be a flat vector of shape ({size},) in the captured parameter "
+            f"layout, got shape {tuple(v.shape)}. Flatten per-parameter tensors with "
+            "torch.cat([p.flatten() for p in params])."
+        )
+    check_finite(v, what)
+
+
+def check_damping(damping: float, allow_zero: bool = True) -> float:
+    """Validate a damping value: finite, non-negative (positive unless ``allow_zero``)."""
+    lam = float(damping)
+    if not torch.isfinite(torch.tensor(lam)) or lam < 0 or (lam == 0 and not allow_zero):
+        need = "≥ 0" if allow_zero else "> 0"
+        raise SingularMatrixError(f"damping must be finite and {need}, got {damping!r}.")
+    return lam
+
+
+def require_positive(eigs: Tensor, what: str) -> None:
+    """Raise :class:`SingularMatrixError` unless all ``eigs`` are safely positive."""
+    scale = eigs.abs().max().clamp_min(torch.finfo(eigs.dtype).tiny)
+    tol = eigs.shape[0] * torch.finfo(eigs.dtype).eps * scale
+    if eigs.min() <= tol:
+        raise SingularMatrixError(
+            f"{what} is singular (smallest eigenvalue {eigs.min().item():.3e}); "
+            "pass a damping > 0."
+        )
