@@ -69,7 +69,7 @@ class LayerInfo:
         return out
 
     def to_matrix(self, flat: Tensor) -> Tensor:
-        """Flat layer slice ``(..., num_params)`` -> ``[W | b]`` of shape ``(..., d_out, d_in_h)``."""
+        """Flat slice ``(..., num_params)`` -> ``[W | b]`` of shape ``(..., d_out, d_in_h)``."""
         lead = flat.shape[:-1]
         n_w = self.d_out * self.d_in
         w = flat[..., :n_w].reshape(*lead, self.d_out, self.d_in)
@@ -78,7 +78,7 @@ class LayerInfo:
         return torch.cat([w, flat[..., n_w:].unsqueeze(-1)], dim=-1)
 
     def to_flat(self, mat: Tensor) -> Tensor:
-        """``[W | b]`` of shape ``(..., d_out, d_in_h)`` -> flat layer slice ``(..., num_params)``."""
+        """``[W | b]`` of shape ``(..., d_out, d_in_h)`` -> flat slice ``(..., num_params)``."""
         lead = mat.shape[:-2]
         w = mat[..., : self.d_in].reshape(*lead, -1)
         if not self.has_bias:

@@ -85,7 +85,9 @@ class GramFisher(Curvature):
     def blocks(self) -> dict[str, Curvature]:
         if len(self._layers) == 1:
             return {self._layers[0].name: self}
-        return {lc.name: GramFisher(self._capture, [lc], scheme=self._scheme) for lc in self._layers}
+        return {
+            lc.name: GramFisher(self._capture, [lc], scheme=self._scheme) for lc in self._layers
+        }
 
     def _split(self, v: Tensor) -> list[Tensor]:
         return [lc.info.to_matrix(x) for lc, x in zip(self._layers, v.split(self._sizes))]

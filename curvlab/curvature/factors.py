@@ -6,8 +6,12 @@ For a layer with homogeneous inputs ``ā (N, T, d_in_h)`` and output-gradient co
     A = Σ_{n,t} ā_nt ā_ntᵀ / (N T),        G = s Σ_{c,n,t} e_nct e_nctᵀ,
 
 so that ``A ⊗ G`` has the Fisher's scale (curvlinops ``kfac_approx="expand"``; for
-conv layers this is KFC's Ω ⊗ Γ).  In the row-major ``[W | b]`` layout the dense block
-is ``kron(G, A)``.  Factors are accumulated in the compute dtype and returned in float64.
+conv layers this is KFC's Ω ⊗ Γ).  The ``"reduce"`` variant (curvlinops
+``kfac_approx="reduce"``) first averages ``ā`` and sums ``e`` over ``t``:
+``A = Σ_n ā_n ā_nᵀ / N`` with ``ā_n = mean_t ā_nt``, ``G = s Σ_{c,n} ē_nc ē_ncᵀ`` with
+``ē_nc = Σ_t e_nct``.  Both coincide when ``T = 1``.  In the row-major ``[W | b]``
+layout the dense block is ``kron(G, A)``.  Factors are accumulated in the compute dtype
+and returned in float64.
 """
 
 from __future__ import annotations
@@ -21,15 +25,21 @@ from torch import Tensor
 from curvlab.capture import LayerCapture
 from curvlab.numerics import SOLVE_DTYPE, compute_dtype
 
+KFAC_APPROX = ("expand", "reduce")
 
-def input_factor(a: Tensor) -> Tensor:
+
+def input_factor(a: Tensor, approx: str = "expand") -> Tensor:
     """``A`` of shape ``(d_in_h, d_in_h)`` in float64 from ``a (N, T, d_in_h)``."""
+    if approx == "reduce":
+        a = a.mean(dim=1, keepdim=True)
     flat = a.reshape(-1, a.shape[-1]).to(compute_dtype(a.dtype))
     return (flat.T @ flat).to(SOLVE_DTYPE) / flat.shape[0]
 
 
-def grad_factor(e: Tensor, scale: float) -> Tensor:
+def grad_factor(e: Tensor, scale: float, approx: str = "expand") -> Tensor:
     """``G`` of shape ``(d_out, d_out)`` in float64 from ``e (C', N, T, d_out)``."""
+    if approx == "reduce":
+        e = e.sum(dim=2, keepdim=True)
     flat = e.reshape(-1, e.shape[-1]).to(compute_dtype(e.dtype))
     return scale * (flat.T @ flat).to(SOLVE_DTYPE)
 
@@ -42,7 +52,7 @@ class Eigen:
     vectors: Tensor
 
     @classmethod
-    def of(cls, m: Tensor) -> "Eigen":
+    def of(cls, m: Tensor) -> Eigen:
         values, vectors = torch.linalg.eigh(m.to(SOLVE_DTYPE))
         return cls(values.clamp_min(0.0), vectors)
 
@@ -56,8 +66,9 @@ class LayerFactors:
     G: Tensor
 
     @classmethod
-    def of(cls, layer: LayerCapture, scale: float) -> "LayerFactors":
-        return cls(layer, input_factor(layer.a), grad_factor(layer.e, scale))
+    def of(cls, layer: LayerCapture, scale: float, approx: str = "expand") -> LayerFactors:
+        """Factors of ``layer`` with the ``"expand"`` or ``"reduce"`` convention."""
+        return cls(layer, input_factor(layer.a, approx), grad_factor(layer.e, scale, approx))
 
     @cached_property
     def eig_A(self) -> Eigen:
@@ -69,7 +80,7 @@ class LayerFactors:
 
     @property
     def pi(self) -> float:
-        """π = sqrt((tr A / dim A) / (tr G / dim G)) of the heuristic damping (1 if a trace is 0)."""
+        """Heuristic-damping π = sqrt((tr A / dim A) / (tr G / dim G)); 1 if a trace is 0."""
         ta = self.A.trace() / self.A.shape[0]
         tg = self.G.trace() / self.G.shape[0]
         if ta <= 0 or tg <= 0:

@@ -21,7 +21,7 @@ from torch import Tensor
 from curvlab.capture import Capture
 from curvlab.curvature.base import LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
-from curvlab.curvature.factors import LayerFactors
+from curvlab.curvature.factors import KFAC_APPROX, LayerFactors
 from curvlab.numerics import compute_dtype
 
 DAMPING_MODES = ("heuristic", "standard")
@@ -69,19 +69,29 @@ class KFAC(LayerwiseCurvature):
         capture: The capture to read (its Fisher type sets G's kind).
         damping_mode: ``"heuristic"`` (factored Tikhonov, default) or ``"standard"``
             (exact ``(A ⊗ G + λI)⁻¹``); ``solve`` follows it.
+        kfac_approx: ``"expand"`` (KFC, default) or ``"reduce"`` for layers with
+            ``T > 1`` (conv, sequences); identical for plain Linear layers.
     """
 
-    def __init__(self, capture: Capture, damping_mode: str = "heuristic"):
+    def __init__(
+        self, capture: Capture, damping_mode: str = "heuristic", kfac_approx: str = "expand"
+    ):
         if damping_mode not in DAMPING_MODES:
             raise ValueError(
                 f"damping_mode={damping_mode!r} is unknown; choose one of "
                 f"{', '.join(DAMPING_MODES)}."
             )
-        self.damping_mode = damping_mode
+        if kfac_approx not in KFAC_APPROX:
+            raise ValueError(
+                f"kfac_approx={kfac_approx!r} is unknown; choose one of {', '.join(KFAC_APPROX)}."
+            )
+        self.damping_mode, self.kfac_approx = damping_mode, kfac_approx
         dtype = compute_dtype(capture.dtype)
         super().__init__(
             {
-                lc.name: KFACBlock(LayerFactors.of(lc, capture.scale), damping_mode, dtype)
+                lc.name: KFACBlock(
+                    LayerFactors.of(lc, capture.scale, kfac_approx), damping_mode, dtype
+                )
                 for lc in capture.layers
             }
         )

@@ -1,0 +1,1 @@
+"""Peer libraries wrapped behind curvlab's interface (BackPACK), for cross-checks."""
