@@ -153,9 +153,7 @@ def capture(
     layers = find_layers(model)
 
     saved: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = [
-        info.module.register_forward_hook(_recorder(info, saved)) for info in layers
-    ]
+    handles = [info.module.register_forward_hook(_recorder(info, saved)) for info in layers]
     try:
         with torch.enable_grad():
             output = model(inputs)

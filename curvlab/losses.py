@@ -63,9 +63,7 @@ def check_targets(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> None:
         )
     n, c = output.shape
     if targets.shape[0] != n:
-        raise ShapeError(
-            f"inputs give {n} outputs but targets have batch size {targets.shape[0]}."
-        )
+        raise ShapeError(f"inputs give {n} outputs but targets have batch size {targets.shape[0]}.")
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if targets.dim() == 1:
             if targets.dtype.is_floating_point:

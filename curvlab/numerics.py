@@ -56,6 +56,5 @@ def require_positive(eigs: Tensor, what: str) -> None:
     tol = eigs.shape[0] * torch.finfo(eigs.dtype).eps * scale
     if eigs.min() <= tol:
         raise SingularMatrixError(
-            f"{what} is singular (smallest eigenvalue {eigs.min().item():.3e}); "
-            "pass a damping > 0."
+            f"{what} is singular (smallest eigenvalue {eigs.min().item():.3e}); pass a damping > 0."
         )

@@ -8,8 +8,9 @@ DataFrame with :func:`to_dataframe` and to JSON-ready dicts with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 NETWORK = "network"
 """Layer name used for whole-network quantities."""
