@@ -21,6 +21,7 @@ transform.  Targets are ``int64`` class indices.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
@@ -138,6 +139,8 @@ def load_dataset(
         raise ValueError(f"unknown split '{split}'; choose 'train' or 'test'")
     if n is not None and n < 1:
         raise ValueError(f"n must be a positive number of examples, got {n}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     if name == "digits":
         pixels, labels, stats = _digits(split)
     elif name == "cifar10":
@@ -152,7 +155,9 @@ def load_dataset(
                 f"n={n} exceeds the {len(labels)} examples of the {name} {split} split"
             )
         pixels, labels = pixels[:n], labels[:n]
-    inputs = _to_inputs(pixels, _IMAGE_SHAPES[name], stats if standardize else None, dtype)
+    levels = 16 if name == "digits" else 255
+    shape = _IMAGE_SHAPES[name]
+    inputs = _to_inputs(pixels, levels, shape, stats if standardize else None, dtype)
     if flatten:
         inputs = inputs.flatten(1)
     return Dataset(
@@ -166,31 +171,50 @@ def load_dataset(
 
 def _to_inputs(
     pixels: np.ndarray,
+    levels: int,
     shape: tuple[int, ...],
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None,
     dtype: torch.dtype,
 ) -> Tensor:
-    """``(N, ...)`` pixels in [0, 1] -> ``(N, C, H, W)`` tensor, standardised per channel."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float64)).reshape(-1, *shape)
+    """``(N, ...)`` uint8 pixels in ``[0, levels]`` -> ``(N, C, H, W)`` tensor in ``dtype``:
+    scaled to [0, 1], then standardised per channel with ``stats = (mean, std)``.
+
+    Computed in ``dtype`` (float32 for half precisions), never in a wider type, so
+    large datasets need no float64 copy.
+    """
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    x = torch.tensor(pixels).reshape(-1, *shape).to(work).div_(levels)
     if stats is not None:
-        mean, std = (torch.tensor(s, dtype=torch.float64).view(-1, 1, 1) for s in stats)
-        x = (x - mean) / std
+        mean, std = (torch.tensor(s, dtype=work).view(-1, 1, 1) for s in stats)
+        x = x.sub_(mean).div_(std)
     return x.to(dtype)
 
 
 def _digits(split: str) -> tuple[np.ndarray, np.ndarray, tuple[tuple[float], tuple[float]]]:
-    """Scikit-learn digits in [0, 1] (16 grey levels), the split, and training statistics."""
+    """Scikit-learn digits (uint8, 0..16), the split, and the training split's mean and
+    std of the [0, 1]-scaled pixels."""
+    images, labels = _permuted_digits()
+    n_train = len(labels) - DIGITS_TEST_SIZE
+    train = images[:n_train] / 16.0
+    stats = ((float(train.mean()),), (float(train.std()),))
+    part = slice(None, n_train) if split == "train" else slice(n_train, None)
+    return images[part], labels[part], stats
+
+
+@functools.cache
+def _permuted_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits (``(N, 8, 8)`` uint8 in 0..16) and labels, in the fixed permuted order.
+
+    Cached and read-only: callers copy what they keep.
+    """
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(bunch.target))
-    images = bunch.images[order] / 16.0
-    labels = bunch.target[order]
-    n_train = len(labels) - DIGITS_TEST_SIZE
-    train = images[:n_train]
-    stats = ((float(train.mean()),), (float(train.std()),))
-    part = slice(None, n_train) if split == "train" else slice(n_train, None)
-    return images[part], labels[part], stats
+    images, labels = bunch.images[order].astype(np.uint8), bunch.target[order]
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
 
 
 def read_mnist_like(
@@ -204,7 +228,7 @@ def read_mnist_like(
         n: Read only the first ``n`` examples (``None``: all).
 
     Returns:
-        ``(N, H, W)`` float64 pixels in [0, 1] and ``(N,)`` labels.
+        ``(N, H, W)`` uint8 pixels and ``(N,)`` labels.
     """
     image_name, label_name = _IDX_FILES[split]
     images = read_idx(_find(directory, image_name, split), IDX_IMAGES_MAGIC, n)
@@ -215,7 +239,7 @@ def read_mnist_like(
             f"{split} split"
         )
     _check_labels(labels, directory)
-    return images / 255.0, labels
+    return images, labels
 
 
 def _find(directory: Path, filename: str, split: str) -> Path:
@@ -226,8 +250,8 @@ def _find(directory: Path, filename: str, split: str) -> Path:
     wanted = ", ".join(f"{stem}[.gz]" for stem in _IDX_FILES[split])
     raise FileNotFoundError(
         f"missing {directory / filename} (or {filename}.gz). curvlab does not download data: "
-        f"place the {split} IDX files ({wanted}) in {directory}/, or point --data-root / the "
-        f"CURVLAB_DATA environment variable at the folder that contains '{directory.name}/'."
+        f"place the {split} IDX files ({wanted}) in {directory}/, or set CURVLAB_DATA (or pass "
+        f"root=) to the folder that contains '{directory.name}/'."
     )
 
 
@@ -273,9 +297,7 @@ def read_idx(path: Path, magic: int, n: int | None = None) -> np.ndarray:
 
 def _check_labels(labels: np.ndarray, source: Path) -> None:
     if labels.size and int(labels.max()) >= NUM_CLASSES:
-        raise CorruptDataError(
-            f"{source}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}"
-        )
+        raise CorruptDataError(f"{source}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}")
 
 
 def cifar10_dir(root: Path) -> Path:
@@ -301,7 +323,7 @@ def read_cifar10(root: Path, split: str, n: int | None = None) -> tuple[np.ndarr
         n: Stop after the batches that hold the first ``n`` examples (``None``: all).
 
     Returns:
-        ``(N, 3, 32, 32)`` float64 pixels in [0, 1] and ``(N,)`` labels.
+        ``(N, 3, 32, 32)`` uint8 pixels and ``(N,)`` labels.
     """
     directory = cifar10_dir(root)
     images, labels = [], []
@@ -317,8 +339,7 @@ def read_cifar10(root: Path, split: str, n: int | None = None) -> tuple[np.ndarr
         x, y = read_cifar_batch(path)
         images.append(x)
         labels.append(y)
-    pixels = np.concatenate(images).reshape(-1, 3, 32, 32) / 255.0
-    return pixels, np.concatenate(labels)
+    return np.concatenate(images).reshape(-1, 3, 32, 32), np.concatenate(labels)
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -341,9 +362,7 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: b'data' should be uint8 of shape (N, 3072), got {data.dtype} {data.shape}"
         )
     if labels.shape != (data.shape[0],):
-        raise CorruptDataError(
-            f"{path}: {data.shape[0]} images but {labels.size} labels"
-        )
+        raise CorruptDataError(f"{path}: {data.shape[0]} images but {labels.size} labels")
     _check_labels(labels, path)
     return data, labels
 

@@ -1,0 +1,57 @@
+"""Per-layer approximation errors as grouped bars."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from curvlab.plots.select import Records, reduce, select
+from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
+
+
+@styled
+def plot_layer_errors(
+    records: Records,
+    *,
+    metric: str = "relative_frobenius_error",
+    reference: str | None = None,
+    damping: float | None = None,
+    logy: bool = False,
+) -> Figure:
+    """Section ``"relative_error"``: ``metric`` per layer, one bar per method in each group.
+
+    Layers appear in record order (the network's order when the records come from
+    ``compare``).  Repeated rows are averaged; several references or damping values
+    must be narrowed down with ``reference`` / ``damping``.
+    """
+    caller = "plot_layer_errors"
+    rows = select(
+        records, "relative_error", caller, metrics=[metric], reference=reference, damping=damping
+    )
+    table = reduce(rows, ["layer", "method"], caller)
+    layers = list(dict.fromkeys(table["layer"]))
+    methods = method_order(table["method"])
+    fig, axes = new_figure(width="two" if len(layers) * len(methods) > 12 else "one")
+    ax = axes[0, 0]
+    bar = 0.8 / len(methods)
+    positions = np.arange(len(layers))
+    for k, method in enumerate(methods):
+        values = table[table["method"] == method].set_index("layer")["value"].reindex(layers)
+        ax.bar(
+            positions + (k - (len(methods) - 1) / 2) * bar,
+            values.to_numpy(dtype=float),
+            width=bar,
+            color=method_color(method),
+            label=method,
+        )
+    ax.set_xticks(positions, layers, rotation=30 if len(layers) > 4 else 0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(metric.replace("_", " "))
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(axis="x", visible=False)
+    refs = rows["reference"].dropna().unique()
+    if len(refs) == 1:
+        ax.set_title(f"vs {refs[0]}")
+    legend(ax)
+    return fig

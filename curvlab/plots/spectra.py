@@ -1,0 +1,79 @@
+"""Eigenvalue spectra of the exact curvature and its approximations, overlaid."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from curvlab.plots.select import Records, select
+from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
+from curvlab.records import NETWORK
+
+KINDS = ("rank", "density")
+
+
+@styled
+def plot_spectra(
+    records: Records,
+    *,
+    layer: str = NETWORK,
+    kind: str = "rank",
+    bins: int = 40,
+) -> Figure:
+    """Spectra from section ``"spectrum"``, metric ``"eigenvalue"``, one curve per method.
+
+    ``kind="rank"`` plots each method's eigenvalues sorted in descending order
+    against their rank; ``kind="density"`` plots, over ``bins`` log-spaced bins,
+    the fraction of each method's eigenvalues per bin.  The eigenvalue axis is
+    logarithmic, so values ≤ 0
+    (numerically zero directions) are left out.  The exact spectrum is drawn
+    solid and on top, approximations dashed.  Each method must contribute one
+    spectrum (filter the records first when there are several, e.g. per seed).
+    """
+    caller = "plot_spectra"
+    if kind not in KINDS:
+        raise ValueError(f"{caller}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    rows = select(records, "spectrum", caller, metrics=["eigenvalue"], layer=layer)
+    indexed = rows.dropna(subset=["index"])
+    if indexed.duplicated(["method", "index"]).any():
+        raise ValueError(
+            f"{caller}: some method has several eigenvalues at one index (several spectra); "
+            "filter the records to one spectrum per method"
+        )
+    spectra: dict[str, np.ndarray] = {}
+    for method in method_order(rows["method"]):
+        values = rows.loc[rows["method"] == method, "value"].to_numpy(dtype=float)
+        spectra[method] = np.sort(values[values > 0])[::-1]
+    if not any(len(s) for s in spectra.values()):
+        raise ValueError(f"{caller}: no positive eigenvalue to show on a log axis")
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    positive = np.concatenate([s for s in spectra.values() if len(s)])
+    edges = np.geomspace(positive.min(), positive.max() * (1 + 1e-9), bins + 1)
+    for method, values in spectra.items():
+        if not len(values):
+            continue
+        exact = method == "exact"
+        style = dict(
+            color=method_color(method),
+            label=method,
+            linestyle="-" if exact else "--",
+            linewidth=1.6 if exact else 1.1,
+            zorder=3 if exact else 2,
+        )
+        if kind == "rank":
+            ax.plot(np.arange(1, len(values) + 1), values, **style)
+        else:
+            counts, _ = np.histogram(values, edges)
+            ax.stairs(counts / len(values), edges, **style)
+    if kind == "rank":
+        ax.set_yscale("log")
+        ax.set_xlabel("rank")
+        ax.set_ylabel("eigenvalue")
+    else:
+        ax.set_xscale("log")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("fraction of eigenvalues")
+    ax.set_title(layer)
+    legend(ax)
+    return fig

@@ -1,0 +1,40 @@
+"""Training curves: a metric against the step, one line per method."""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+from curvlab.plots.select import Records, reduce, select
+from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
+
+
+@styled
+def plot_training(
+    records: Records,
+    *,
+    metric: str = "train_loss",
+    logy: bool = True,
+    damping: float | None = None,
+) -> Figure:
+    """Section ``"train"``: ``metric`` against ``index`` (the step), one line per method.
+
+    The value axis is logarithmic when ``logy`` and every value is positive.
+    Repeated rows (e.g. seeds) are averaged; records without an index are left out.
+    """
+    caller = "plot_training"
+    rows = select(records, "train", caller, metrics=[metric], damping=damping)
+    rows = rows.dropna(subset=["index"])
+    if rows.empty:
+        raise ValueError(f"{caller}: no '{metric}' record has a step (index)")
+    table = reduce(rows, ["method", "index"], caller)
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    for method in method_order(table["method"]):
+        line = table[table["method"] == method].sort_values("index")
+        ax.plot(line["index"], line["value"], color=method_color(method), label=method)
+    if logy and (table["value"] > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric.replace("_", " "))
+    legend(ax)
+    return fig

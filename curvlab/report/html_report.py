@@ -1,0 +1,83 @@
+"""``report.html``: one self-contained page, figures embedded as base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Mapping, Sequence
+
+from curvlab.report.layout import Section, Table
+
+_CSS = """
+body { font-family: "DejaVu Serif", "STIX Two Text", Georgia, serif; max-width: 60rem;
+       margin: 2rem auto; padding: 0 1rem; color: #111; line-height: 1.45; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: left; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; }
+figcaption { font-size: 0.85rem; color: #444; }
+pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; font-size: 0.8rem; }
+.note { font-size: 0.85rem; color: #555; font-style: italic; }
+"""
+
+
+def render_html(
+    title: str,
+    facts: Sequence[tuple[str, str]],
+    config_json: str,
+    sections: Sequence[Section],
+    figure_png: Mapping[str, bytes],
+) -> str:
+    """The HTML page; needs no other file.
+
+    Args:
+        title: Page title and top heading.
+        facts: ``(label, value)`` pairs listed under the title.
+        config_json: The run configuration as JSON text.
+        sections: The report's sections (see :func:`~curvlab.report.layout.layout`).
+        figure_png: Per figure name, the PNG bytes to embed.
+    """
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        "<ul>" + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in facts) + "</ul>",
+        f"<h2>Configuration</h2><pre>{e(config_json)}</pre>",
+    ]
+    for section in sections:
+        parts.append(f'<section id="{e(section.name)}"><h2>{e(section.name)}</h2>')
+        if section.narrative:
+            parts += [
+                f"<p>{e(p.strip())}</p>" for p in section.narrative.split("\n\n") if p.strip()
+            ]
+        for name in section.figures:
+            data = base64.b64encode(figure_png[name]).decode("ascii")
+            parts.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{e(name)}">'
+                f"<figcaption>{e(name)}</figcaption></figure>"
+            )
+        if section.table is not None:
+            parts.append(_table(section.table))
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _table(table: Table) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(c)}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(_td(cell) for cell in row) + "</tr>" for row in table.rows)
+    note = f'<p class="note">{e(table.note)}</p>' if table.note else ""
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+
+
+def _td(cell: str) -> str:
+    try:
+        float(cell)
+    except ValueError:
+        return f"<td>{html.escape(cell)}</td>"
+    return f'<td class="num">{html.escape(cell)}</td>'
