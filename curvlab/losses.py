@@ -13,7 +13,8 @@ with the *columns* ``g_nc`` (shape ``(C', N, C)``):
 * ``exact``: columns of a square root of ``∇²_f ℓ̃_n`` (type-2 Fisher = GGN);
 * ``mc``: ``√c ∇_f ℓ_n(f, ŷ) / √S`` for ``S`` labels ``ŷ`` drawn from the model's
   predictive distribution (categorical, Bernoulli, Gaussian with variance 1/2);
-* ``empirical``: ``∇_f ℓ̃_n`` at the data labels.
+* ``empirical``: ``√c ∇_f ℓ_n = ∇_f ℓ̃_n / √c`` at the data labels (so that the
+  empirical Fisher matches the GGN's scale, as curvlinops' ``EFLinearOperator``).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def fisher_columns(
     """
     s, c = loss_scales(loss_fn, output)
     if fisher == "empirical":
-        return (grad_output / s).unsqueeze(0)
+        return (grad_output / (s * math.sqrt(c))).unsqueeze(0)
     if fisher == "exact":
         return _hessian_sqrt_columns(loss_fn, output, c)
     return _mc_columns(loss_fn, output, c, mc_samples, generator)
