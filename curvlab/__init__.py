@@ -2,10 +2,12 @@
 
 One :func:`capture` (one forward, one batched backward) feeds every curvature object:
 :class:`ExactFisher` and :class:`BlockDiagFisher` (Woodbury, exact), :class:`KFAC`,
-:class:`FOOF` and :class:`EKFAC`.  See DESIGN.md for the conventions.
+:class:`FOOF` and :class:`EKFAC`.  ``curvlab.compare(...)`` compares them with the
+exact Fisher; :mod:`curvlab.optim` holds optimizers built on them.  See DESIGN.md for
+the conventions.
 """
 
-from curvlab import config
+from curvlab import compare, config
 from curvlab.capture import Capture, LayerCapture, capture
 from curvlab.curvature import EKFAC, FOOF, KFAC, BlockDiagFisher, Curvature, ExactFisher
 
@@ -13,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "config",
+    "compare",
     "capture",
     "Capture",
     "LayerCapture",

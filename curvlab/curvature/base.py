@@ -15,7 +15,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
-from curvlab.config import options
+from curvlab.config import format_bytes, options
 from curvlab.errors import MemoryBudgetError
 from curvlab.numerics import check_damping, check_vector
 
@@ -49,8 +49,8 @@ class Curvature(ABC):
         if need > options.memory_budget:
             raise MemoryBudgetError(
                 f"a dense {self.num_params} x {self.num_params} matrix needs about "
-                f"{need / 2**30:.2f} GiB, over the memory budget of "
-                f"{options.memory_budget / 2**30:.2f} GiB. Use mv/solve/eigvalsh instead, "
+                f"{format_bytes(need)}, over the memory budget of "
+                f"{format_bytes(options.memory_budget)}. Use mv/solve/eigvalsh instead, "
                 "look at .blocks, or raise curvlab.config.options.memory_budget."
             )
         return self._dense()

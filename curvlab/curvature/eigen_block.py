@@ -77,7 +77,7 @@ class EigenBlock(Curvature):
         q_out = self.q_out
         if q_out is None:
             q_out = torch.eye(self.info.d_out, dtype=SOLVE_DTYPE, device=self.device)
-        q = torch.kron(q_out, self.q_in)
+        q = torch.kron(q_out.contiguous(), self.q_in.contiguous())
         grid = (q * self.d.reshape(-1)) @ q.T
         return kron_to_flat(grid, self.info.flat_index()).to(self.dtype)
 

@@ -12,11 +12,13 @@ is never formed for the network.  :class:`ExactFisher` covers all layers;
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor
 
 from curvlab.capture import Capture, LayerCapture
-from curvlab.config import options
+from curvlab.config import format_bytes, options
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.gram import layer_gram, per_sample_gradients
 from curvlab.errors import MemoryBudgetError, SingularMatrixError
@@ -61,8 +63,8 @@ class GramFisher(Curvature):
         if need > budget:
             raise MemoryBudgetError(
                 f"the Gram matrix has N·C' = {cols} rows and columns and needs about "
-                f"{need / 2**30:.2f} GiB (float64 Gram, its Cholesky factor and one "
-                f"assembly buffer), over the memory budget of {budget / 2**30:.2f} GiB. "
+                f"{format_bytes(need)} (float64 Gram, its Cholesky factor and one "
+                f"assembly buffer), over the memory budget of {format_bytes(budget)}. "
                 "Use a smaller batch, fisher='mc' (one column per sample), or raise the "
                 "budget (memory_budget=... or curvlab.config.options.memory_budget); "
                 "lower curvlab.config.options.chunk_bytes to shrink assembly temporaries."
@@ -81,8 +83,9 @@ class GramFisher(Curvature):
             self._gram = total
         return self._gram
 
-    @property
+    @cached_property
     def blocks(self) -> dict[str, Curvature]:
+        """Per-layer exact blocks (built once; each assembles its own Gram on first use)."""
         if len(self._layers) == 1:
             return {self._layers[0].name: self}
         return {

@@ -1,0 +1,173 @@
+"""capture(): gradient, loss, scale, Fisher columns and per-layer records vs references.
+
+Tolerance: relative error ≤ RTOL = 1e-8 in float64 (conftest.RTOL).
+"""
+
+from __future__ import annotations
+
+import pytest
+import reference as R
+import torch
+from conftest import RTOL, get_problem, mc_generator
+from torch import nn
+
+import curvlab
+
+
+def test_grad_loss_scale(problem):
+    capt = problem.capture("exact")
+    assert capt.num_params == problem.P
+    assert capt.grad.shape == (problem.P,)
+    err = R.rel_err(capt.grad, problem.grad())
+    assert err <= RTOL
+    loss = problem.loss_fn(problem.output(), problem.y)
+    assert isinstance(capt.loss, float)
+    assert abs(capt.loss - float(loss)) <= RTOL * abs(float(loss))
+    assert capt.scale == pytest.approx(problem.scale, rel=1e-15)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "empirical", "mc"])
+def test_grad_independent_of_fisher_type(problem, fisher):
+    capt = problem.capture(fisher, generator=mc_generator(0))
+    err = R.rel_err(capt.grad, problem.grad())
+    assert err <= RTOL
+
+
+def test_exact_columns_square_root_of_hessian(problem):
+    """Σ_c g_nc g_ncᵀ = ∇²_f ℓ̃_n (any square root is fine), C columns."""
+    capt = problem.capture("exact")
+    f = problem.output()
+    C = f.shape[1]
+    assert capt.columns.shape == (C, problem.N, C)
+    H = R.per_sample_output_hessians(problem.loss_fn, f, problem.y)
+    HH = torch.einsum("knc,knd->ncd", capt.columns, capt.columns)
+    err = R.rel_err(HH, H)
+    assert err <= RTOL
+
+
+def test_empirical_columns(problem):
+    """Empirical columns = √c ∇_f ℓ_n at the data labels (curvlinops EF convention)."""
+    capt = problem.capture("empirical")
+    ref = R.empirical_columns(problem.loss_fn, problem.output(), problem.y)
+    assert capt.columns.shape == ref.shape
+    err = R.rel_err(capt.columns, ref)
+    assert err <= RTOL
+
+
+@pytest.mark.parametrize("model_name", ["mlp_tanh"])
+@pytest.mark.parametrize("mc_samples", [1, 4])
+def test_mc_columns_structure(problem, loss_name, mc_samples):
+    """Each MC column is √(c/S) ∇_f ℓ_sum(f, ŷ) for some label ŷ in the model's support."""
+    capt = problem.capture("mc", mc_samples=mc_samples, generator=mc_generator(3))
+    f = problem.output()
+    N, C = f.shape
+    assert capt.columns.shape == (mc_samples, N, C)
+    c = R.output_scale(problem.loss_fn, C)
+    g = capt.columns * (mc_samples / c) ** 0.5  # ∇_f ℓ_sum(f, ŷ)
+    kind = loss_name.split("-")[0]
+    if kind == "ce":  # g = p - onehot(ŷ)
+        onehot = f.softmax(1) - g
+        assert torch.allclose(onehot.sum(-1), torch.ones(mc_samples, N, dtype=f.dtype))
+        assert torch.allclose(onehot.max(-1).values, torch.ones(mc_samples, N, dtype=f.dtype))
+    elif kind == "bce":  # g = σ(f) - ŷ with ŷ ∈ {0, 1}
+        yhat = f.sigmoid() - g
+        assert torch.allclose(yhat, yhat.round(), atol=1e-12)
+    else:  # g = 2 (f - ŷ), ŷ ~ N(f, 1/2): finite, not all equal
+        assert torch.isfinite(g).all() and g.std() > 0
+
+
+@pytest.mark.parametrize("model_name", ["mlp_tanh"])
+def test_mc_reproducible_with_generator(problem):
+    c1 = problem.capture("mc", mc_samples=2, generator=mc_generator(7)).columns
+    c2 = problem.capture("mc", mc_samples=2, generator=mc_generator(7)).columns
+    c3 = problem.capture("mc", mc_samples=2, generator=mc_generator(8)).columns
+    assert torch.equal(c1, c2)
+    assert not torch.equal(c1, c3)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "empirical", "mc"])
+def test_layer_records(problem, fisher):
+    """`a` equals hook-captured inputs/patches; `e` equals autograd output gradients of
+    the capture's own columns (so any square root / any MC draw is checked exactly)."""
+    capt = problem.capture(fisher, mc_samples=2, generator=mc_generator(1))
+    refs = R.layer_records(problem.model, problem.X, capt.columns)
+    assert [lc.name for lc in capt.layers] == [r.name for r in refs]
+    for lc, r in zip(capt.layers, refs):
+        assert lc.a.shape == r.a.shape, lc.name
+        assert lc.e.shape == r.e.shape, lc.name
+        err = R.rel_err(lc.a, r.a)
+        assert err <= RTOL, lc.name
+        err = R.rel_err(lc.e, r.e)
+        assert err <= RTOL, lc.name
+
+
+def test_capture_leaves_model_untouched(problem):
+    model = problem.model
+    before = [p.detach().clone() for p in model.parameters()]
+    training = [m.training for m in model.modules()]
+    problem.capture("mc", generator=mc_generator(0))
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert training == [m.training for m in model.modules()]
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+
+
+def test_frozen_parameters_excluded():
+    """Flat layout = trainable params of supported layers, model.parameters() order."""
+    for name in ["frozen_bn", "frozen_linear", "frozen_bias"]:
+        p = get_problem(name, "ce-mean")
+        capt = p.capture("exact")
+        assert capt.num_params == p.P
+        trainable = [q for q in p.model.parameters() if q.requires_grad]
+        assert capt.num_params == sum(q.numel() for q in trainable)
+        err = R.rel_err(capt.grad, p.grad())
+        assert err <= RTOL
+
+
+def test_frozen_bias_has_no_homogeneous_column():
+    p = get_problem("frozen_bias", "mse-sum")
+    capt = p.capture("exact")
+    first = capt.layers[0]
+    assert first.a.shape[-1] == 4  # d_in, no trailing 1
+    assert capt.layers[1].a.shape[-1] == 6  # 5 + bias
+
+
+def test_linear_sequence_input_shapes():
+    p = get_problem("seq_mean", "ce-sum")
+    capt = p.capture("exact")
+    assert capt.layers[0].a.shape == (p.N, 5, 4)  # T = 5, d_in + 1
+    assert capt.layers[0].e.shape == (3, p.N, 5, 4)
+
+
+def test_conv_patch_shapes():
+    p = get_problem("conv2d_stride", "ce-mean")
+    capt = p.capture("exact")
+    assert capt.layers[0].a.shape == (p.N, 9, 2 * 9 + 1)
+    assert capt.layers[0].e.shape == (3, p.N, 9, 3)
+
+
+def test_ce_probability_targets():
+    """CrossEntropyLoss with probability targets (N, C) also captures a correct gradient."""
+    p = get_problem("mlp_tanh", "ce-mean")
+    probs = torch.softmax(torch.randn(p.N, 3, generator=mc_generator(2), dtype=p.X.dtype), 1)
+    capt = curvlab.capture(p.model, p.loss_fn, p.X, probs, fisher="empirical")
+    ref = R.batch_gradient(p.model, p.loss_fn, p.X, probs)
+    err = R.rel_err(capt.grad, ref)
+    assert err <= RTOL
+    cols = R.empirical_columns(p.loss_fn, p.output(), probs)
+    err = R.rel_err(capt.columns, cols)
+    assert err <= RTOL
+
+
+def test_model_in_eval_mode_dropout_free():
+    """A parameter-free module between layers (Dropout in eval mode) is fine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model.eval()
+    X = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
+    err = R.rel_err(capt.grad, R.batch_gradient(model, loss_fn, X, y))
+    assert err <= RTOL

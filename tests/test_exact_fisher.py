@@ -1,0 +1,149 @@
+"""ExactFisher and BlockDiagFisher against dense float64 references.
+
+References: ``exact`` = Jᵀ ∇²_f L J (torch.func.hessian of the loss w.r.t. the
+output); ``empirical`` = per-sample gradients (vmap(grad)), curvlinops' EF
+convention; ``mc`` = s Σ J_nᵀ g gᵀ J_n from the capture's own sampled columns, so
+the MC Fisher is checked exactly.  Tolerance: relative error ≤ RTOL = 1e-8.
+"""
+
+from __future__ import annotations
+
+import pytest
+import reference as R
+import torch
+from conftest import DAMPINGS, RTOL, build_problem, get_problem, mc_generator
+from torch import nn
+
+import curvlab
+
+
+def _capture(problem, fisher, mc_samples=1):
+    return problem.capture(fisher, mc_samples=mc_samples, generator=mc_generator(11))
+
+
+def test_exact_fisher(problem, fisher):
+    capt = _capture(problem, fisher)
+    ref = problem.ref(fisher, capt)
+    obj = curvlab.ExactFisher(capt)
+    assert obj.num_params == problem.P
+    errs = R.interface_errors(obj, ref.F, DAMPINGS)
+    R.assert_close_all(errs, RTOL, f"ExactFisher {problem} {fisher}")
+
+
+def test_exact_fisher_eigvalsh_count(problem, fisher):
+    """ExactFisher.eigvalsh returns the N·C' eigenvalues of s·UᵀU."""
+    capt = _capture(problem, fisher, mc_samples=2)
+    ref = problem.ref(fisher, capt)
+    eigs = curvlab.ExactFisher(capt).eigvalsh()
+    assert eigs.shape == (problem.N * ref.columns.shape[0],)
+    U = R.column_gradients(problem.model, problem.X, ref.columns).reshape(-1, problem.P)
+    gram_eigs = torch.linalg.eigvalsh(ref.scale * U @ U.T)
+    err = R.spectrum_err(eigs, gram_eigs)
+    assert err <= RTOL
+
+
+def test_exact_fisher_blocks(problem, fisher):
+    capt = _capture(problem, fisher)
+    ref = problem.ref(fisher, capt)
+    blocks = curvlab.ExactFisher(capt).blocks
+    assert list(blocks) == [r.name for r in ref.records]
+    for r, (name, blk) in zip(ref.records, blocks.items()):
+        D = ref.F[r.slice, r.slice]
+        assert blk.num_params == r.size
+        R.assert_close_all(R.interface_errors(blk, D, [1e-1]), RTOL, f"block {name}")
+
+
+def test_block_diag_fisher(problem, fisher):
+    capt = _capture(problem, fisher)
+    ref = problem.ref(fisher, capt)
+    obj = curvlab.BlockDiagFisher(capt)
+    D = R.block_diagonal_part(ref.F, ref.records)
+    R.assert_close_all(R.interface_errors(obj, D, DAMPINGS), RTOL, f"BlockDiag {problem}")
+    assert list(obj.blocks) == [r.name for r in ref.records]
+    for r, blk in zip(ref.records, obj.blocks.values()):
+        R.assert_close_all(
+            R.interface_errors(blk, ref.F[r.slice, r.slice], [1e-1]), RTOL, f"block {r.name}"
+        )
+
+
+@pytest.mark.parametrize("model_name", ["mlp_tanh", "seq_mean", "conv2d_same_dil"])
+@pytest.mark.parametrize("fisher", ["mc"])
+def test_mc_several_samples(problem, fisher):
+    capt = _capture(problem, "mc", mc_samples=3)
+    assert capt.columns.shape[0] == 3
+    ref = problem.ref("mc", capt)
+    R.assert_close_all(
+        R.interface_errors(curvlab.ExactFisher(capt), ref.F, DAMPINGS), RTOL, "mc S=3"
+    )
+    R.assert_close_all(
+        R.interface_errors(
+            curvlab.BlockDiagFisher(capt), R.block_diagonal_part(ref.F, ref.records), DAMPINGS
+        ),
+        RTOL,
+        "blockdiag mc S=3",
+    )
+
+
+@pytest.mark.parametrize("loss_name", ["ce-mean", "mse-sum", "bce-mean"])
+def test_mc_average_approaches_exact(loss_name):
+    """The MC Fisher with S samples is an unbiased estimate of the GGN.
+
+    With X_k = s Σ_n J_nᵀ h_nk h_nkᵀ J_n the single-sample estimates (h = √S · column),
+    F̂ = mean_k X_k and E‖F̂ − F‖² = E‖X − F‖² / S.  We estimate E‖X − F‖² by the
+    sample variance v̂ and require ‖F̂ − F‖_F ≤ 4 √(v̂ / S) (by Markov's inequality a
+    correct sampler violates this with probability ≤ 1/16, by the CLT far less; the
+    seed is fixed, so the test is deterministic).  Also ‖F̂ − F‖ / ‖F‖ ≤ 0.1.
+    """
+    S = 1000
+    p = get_problem("mlp_tanh", loss_name)
+    capt = p.capture("mc", mc_samples=S, generator=mc_generator(5))
+    F_hat = curvlab.ExactFisher(capt).to_dense()
+    U = R.column_gradients(p.model, p.X, capt.columns * S**0.5)  # (S, N, P)
+    X = p.scale * torch.einsum("knp,knq->kpq", U, U)
+    v_hat = (X - X.mean(0)).square().sum(dim=(1, 2)).sum() / (S - 1)
+    F = p.ggn()
+    err = (F_hat - F).norm()
+    bound = 4 * (v_hat / S).sqrt()
+    assert err <= bound, f"‖F̂ − F‖ = {err:.3e} > 4σ = {bound:.3e}"
+    assert err / F.norm() <= 0.1
+    # and the estimate used by curvlab is the one built from its columns
+    assert R.rel_err(F_hat, X.mean(0)) <= RTOL
+
+
+def test_solve_undamped_nonsingular():
+    """solve(v, 0) = F⁻¹ v when F is non-singular (P ≤ N·C' and full rank)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    X = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 3, dtype=torch.float64)
+    loss_fn = nn.MSELoss(reduction="sum")
+    capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
+    F = R.dense_ggn(model, loss_fn, X, y)
+    v = R.random_vector(15)
+    for obj in (curvlab.ExactFisher(capt), curvlab.BlockDiagFisher(capt)):
+        err = R.rel_err(obj.solve(v, 0.0), torch.linalg.solve(F, v))
+        assert err <= RTOL, type(obj).__name__
+
+
+def test_scale_mean_vs_sum():
+    """F(sum) = N·F(mean) for CE and N·C·F(mean) for MSE/BCE (curvlinops' scale)."""
+    for kind, factor in [("ce", 6), ("mse", 18), ("bce", 18)]:
+        p_mean = build_problem("mlp_tanh", f"{kind}-mean")
+        p_sum = build_problem("mlp_tanh", f"{kind}-sum")
+        F_mean = curvlab.ExactFisher(p_mean.capture("exact")).to_dense()
+        F_sum = curvlab.ExactFisher(p_sum.capture("exact")).to_dense()
+        err = R.rel_err(F_sum, factor * F_mean)
+        assert err <= RTOL, kind
+
+
+@pytest.mark.parametrize("scheme", ["pairs", "per_sample"])
+@pytest.mark.parametrize("model_name", ["seq_flatten", "conv1d", "conv2d_nobias"])
+@pytest.mark.parametrize("loss_name", ["ce-mean"])
+def test_gram_schemes_agree(problem, scheme):
+    """Both exact Gram schemes for T > 1 layers give the same Fisher (optional knob)."""
+    capt = problem.capture("exact")
+    try:
+        obj = curvlab.ExactFisher(capt, scheme=scheme)
+    except TypeError:
+        pytest.skip("ExactFisher has no `scheme` argument")
+    R.assert_close_all(R.interface_errors(obj, problem.ggn(), DAMPINGS), RTOL, scheme)
