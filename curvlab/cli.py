@@ -1,0 +1,474 @@
+"""The ``curvlab`` command line.
+
+Commands:
+
+* ``curvlab compare``: every comparison section for one or more models on one batch,
+  written as a report (report.md, report.html, results.json, results.csv, figures/).
+  Without options it runs the built-in problem: an MLP and two small CNNs (max- and
+  average-pooling) on scikit-learn's digits, nothing downloaded.
+* ``curvlab spectra`` / ``curvlab damping`` / ``curvlab kfc``: the same with only the
+  spectra, the damping sweep, or the KFC assumption checks (default models: the two
+  CNNs).
+* ``curvlab list``: the valid methods, models, datasets, Fisher types and sections.
+
+Invalid options give a one-line error naming the valid choices and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from curvlab.compare.figures import report_figures
+from curvlab.compare.methods import DEFAULT_METHODS, METHODS, check_methods
+from curvlab.compare.narrative import narrative
+from curvlab.compare.run import (
+    DEFAULT_DAMPING,
+    DEFAULT_LRS,
+    SECTIONS,
+    check_positive,
+    check_sections,
+    compare,
+)
+from curvlab.data import DATASETS, CorruptDataError, load_dataset
+from curvlab.errors import CurvlabError
+from curvlab.losses import FISHER_TYPES
+from curvlab.models import MODELS, build_model, load_user_model
+from curvlab.records import Record
+from curvlab.report import write_report
+from curvlab.report.writer import REPORT_MARKERS
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FORMATS = ("png", "pdf", "svg")
+POOL = 10_000
+"""File-based datasets: the batch is drawn from the first this many training examples."""
+
+_COMMANDS = {
+    # name: (help, sections, models, output folder)
+    "compare": (
+        "compare methods on every section (the default problem needs no options)",
+        SECTIONS,
+        "mlp,cnn-max,cnn-avg",
+        "curvlab-report",
+    ),
+    "spectra": (
+        "spectra and top-k eigenspace overlaps only",
+        ("spectrum",),
+        "mlp,cnn-max",
+        "curvlab-spectra",
+    ),
+    "damping": (
+        "damping sweeps only (heuristic vs standard, KFAC vs FOOF, cross terms, step sizes)",
+        ("damping",),
+        "mlp,cnn-max",
+        "curvlab-damping",
+    ),
+    "kfc": (
+        "KFC assumption checks for conv layers only (max- vs average-pooling CNNs)",
+        ("kfc_check",),
+        "cnn-max,cnn-avg",
+        "curvlab-kfc",
+    ),
+}
+
+
+_DESCRIPTION = """\
+Curvature diagnostics: compare the exact subsampled Fisher/GGN with block-diagonal,
+KFAC (heuristic and standard damping), FOOF, EKFAC and other approximations on one
+batch, from one forward and one backward pass per model, and write a report.
+
+sections (--sections):
+  cosine          cosine of update directions, every pair, per layer, Euclidean and
+                  in a curvature's inner product (--inner)
+  relative_error  ||C - F|| / ||F|| against the exact Fisher, per layer and network
+  spectrum        exact and approximate spectra, top-k eigenspace overlap
+  damping         over the λ grid: heuristic vs standard damping, KFAC vs FOOF,
+                  cross terms of heuristic damping, effective step sizes
+  progress        relative mini-batch loss decrease after one step of each method
+  kfc_check       KFC assumptions (IAD, SH, SUD) per conv layer, spatial correlations
+
+report (--out): report.md, report.html (self-contained), results.json (config,
+versions, device, seed, every record), results.csv, figures/ (PNG and PDF)."""
+
+_EPILOG = """\
+'curvlab compare' alone runs the built-in problem (an MLP and max-/average-pooling
+CNNs on scikit-learn's digits; nothing is downloaded). 'curvlab <command> --help'
+lists the options; 'curvlab list' the valid methods, models and datasets."""
+
+
+class UsageError(Exception):
+    """An invalid option; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _add_options(
+    p: argparse.ArgumentParser, sections: Sequence[str], models: str, out: str
+) -> None:
+    g = p.add_argument_group("problem")
+    g.add_argument(
+        "--model",
+        default=models,
+        help=f"comma-separated models: built-in ({', '.join(MODELS)}) or "
+        "package.module:function returning an nn.Module (called without arguments) "
+        f"[default: {models}]",
+    )
+    g.add_argument(
+        "--data",
+        default="digits",
+        help=f"dataset: {', '.join(DATASETS)}; all but digits are read from files you place "
+        "under --data-root (MNIST/Fashion-MNIST IDX, CIFAR-10 python batches) [default: digits]",
+    )
+    g.add_argument(
+        "--data-root", default=None, help="data folder [default: $CURVLAB_DATA or ./data]"
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=128, help="examples in the batch [default: 128]"
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="model init, batch choice, MC labels [default: 0]"
+    )
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [default: cpu]")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="[default: float32]")
+    c = p.add_argument_group("comparison")
+    c.add_argument(
+        "--fisher",
+        default="exact",
+        choices=list(FISHER_TYPES),
+        help="Fisher type of F and of every approximation [default: exact (= GGN)]",
+    )
+    c.add_argument("--mc-samples", type=int, default=1, help="labels per input for --fisher mc")
+    c.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated from {', '.join(METHODS)} [default: {','.join(DEFAULT_METHODS)}]",
+    )
+    c.add_argument("--reference", default="exact", help="method compared against [default: exact]")
+    c.add_argument(
+        "--damping",
+        default=",".join(f"{x:g}" for x in DEFAULT_DAMPING),
+        help="comma-separated λ grid, each > 0 [default: %(default)s]",
+    )
+    c.add_argument(
+        "--lr",
+        default=",".join(f"{x:g}" for x in DEFAULT_LRS),
+        help="learning-rate grid of the progress section [default: %(default)s]",
+    )
+    c.add_argument(
+        "--rescale-to",
+        default="kfac",
+        help="progress also with steps rescaled per layer to this method's norms; "
+        "'none' to skip [default: kfac]",
+    )
+    c.add_argument(
+        "--inner",
+        default="foof",
+        help="methods whose curvature gives extra cosine inner products; 'none' for only "
+        "Euclidean [default: foof]",
+    )
+    c.add_argument(
+        "--sections",
+        default=",".join(sections),
+        help=f"comma-separated from {', '.join(SECTIONS)} [default: %(default)s]",
+    )
+    c.add_argument(
+        "--top-k", type=int, default=10, help="eigenvectors in the overlap [default: 10]"
+    )
+    c.add_argument(
+        "--max-eigenvalues",
+        type=int,
+        default=500,
+        help="largest eigenvalues kept per spectrum, 0 for all [default: 500]",
+    )
+    c.add_argument(
+        "--kfc-max-params",
+        type=int,
+        default=1536,
+        help="largest conv block checked densely; bigger ones are subsampled [default: 1536]",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=out, help=f"report folder [default: ./{out}]")
+    o.add_argument("--force", action="store_true", help="overwrite a report already in --out")
+    o.add_argument(
+        "--format",
+        default="png,pdf",
+        help="figure formats from png, pdf, svg; PNG and PDF are always written [default: png,pdf]",
+    )
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``curvlab`` argument parser with its subcommands."""
+    parser = _Parser(
+        prog="curvlab",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    for name, (help_text, sections, models, out) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_options(p, sections, models, out)
+    sub.add_parser("list", help="list valid methods, models, datasets, Fisher types, sections")
+    return parser
+
+
+def _list() -> str:
+    lines = ["methods:"]
+    lines += [f"  {m.name:<15} {m.summary}" for m in METHODS.values()]
+    lines += [
+        f"models:   {', '.join(MODELS)} (or package.module:function)",
+        f"datasets: {', '.join(DATASETS)}",
+        f"fisher:   {', '.join(FISHER_TYPES)}",
+        f"sections: {', '.join(SECTIONS)}",
+    ]
+    return "\n".join(lines)
+
+
+def _optional(name: str) -> str | None:
+    return None if name.lower() == "none" else name
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{text}'; choose from cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device '{text}' requested but CUDA is not available; choose cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            valid = ", ".join(["cpu", "cuda", *(f"cuda:{i}" for i in range(count))])
+            raise UsageError(f"device '{text}' does not exist; choose from {valid}")
+    elif device.type != "cpu":
+        raise UsageError(f"unsupported device '{text}'; choose from cpu, cuda, cuda:N")
+    return device
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate the options into the run configuration (stored in results.json).
+
+    Raises:
+        UsageError: an invalid option, with the valid choices.
+    """
+    try:
+        methods = check_methods([args.reference, *_names(args.methods)])
+        rescale = _optional(args.rescale_to)
+        if rescale is not None:
+            check_methods([rescale])
+        inner = [] if args.inner.lower() == "none" else _names(args.inner)
+        check_methods(inner)
+        if "sgd" in inner:
+            raise ValueError("'sgd' has no curvature for an inner product; choose another method")
+        sections = check_sections(_names(args.sections))
+        damping = check_positive(_names(args.damping), "damping")
+        lrs = check_positive(_names(args.lr), "learning rate")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    models = list(dict.fromkeys(_names(args.model)))
+    for spec in models:
+        if ":" not in spec and spec not in MODELS:
+            raise UsageError(
+                f"unknown model '{spec}'; choose from {', '.join(MODELS)} "
+                "or package.module:function"
+            )
+    if not models:
+        raise UsageError(f"no model given; choose from {', '.join(MODELS)}")
+    if args.data not in DATASETS:
+        raise UsageError(f"unknown dataset '{args.data}'; choose from {', '.join(DATASETS)}")
+    formats = _names(args.format)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise UsageError(f"unknown figure format '{bad[0]}'; choose from {', '.join(FORMATS)}")
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--mc-samples", args.mc_samples, 1),
+        ("--top-k", args.top_k, 1),
+        ("--max-eigenvalues", args.max_eigenvalues, 0),
+        ("--kfc-max-params", args.kfc_max_params, 1),
+    ):
+        if value < low:
+            raise UsageError(f"{flag} must be an integer >= {low}, got {value}")
+    device = _device(args.device)
+    return {
+        "command": args.command,
+        "models": models,
+        "data": args.data,
+        "data_root": args.data_root,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "device": str(device),
+        "dtype": args.dtype,
+        "loss": "CrossEntropyLoss(reduction='mean')",
+        "fisher": args.fisher,
+        "mc_samples": args.mc_samples,
+        "methods": methods,
+        "reference": args.reference,
+        "damping": list(damping),
+        "headline_damping": damping[len(damping) // 2],
+        "lrs": list(lrs),
+        "rescale_to": rescale,
+        "inner_products": inner,
+        "sections": sections,
+        "top_k": args.top_k,
+        "max_eigenvalues": args.max_eigenvalues or None,
+        "kfc_max_params": args.kfc_max_params,
+        "formats": list(dict.fromkeys(["png", "pdf", *formats])),
+    }
+
+
+def compare_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`curvlab.compare.compare` for a configuration."""
+    return {
+        "methods": config["methods"],
+        "fisher": config["fisher"],
+        "damping": config["damping"],
+        "reference": config["reference"],
+        "sections": config["sections"],
+        "inner_products": config["inner_products"],
+        "mc_samples": config["mc_samples"],
+        "seed": config["seed"],
+        "lrs": config["lrs"],
+        "rescale_to": config["rescale_to"],
+        "top_k": config["top_k"],
+        "max_eigenvalues": config["max_eigenvalues"],
+        "kfc_max_params": config["kfc_max_params"],
+    }
+
+
+def load_batch(config: dict[str, Any]) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
+    """The batch: ``batch_size`` examples of the training split, chosen by a permutation
+    seeded with ``seed`` (from the first :data:`POOL` examples of file-based datasets).
+
+    Returns:
+        Inputs and targets on the configured device/dtype, the input shape, the classes.
+    """
+    name = config["data"]
+    ds = load_dataset(
+        name,
+        "train",
+        n=None if name == "digits" else POOL,
+        root=config["data_root"],
+        dtype=DTYPES[config["dtype"]],
+    )
+    if config["batch_size"] > len(ds):
+        raise UsageError(f"--batch-size {config['batch_size']} exceeds the {len(ds)} examples")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(config["seed"]))
+    pick = order[: config["batch_size"]]
+    device = torch.device(config["device"])
+    return ds.inputs[pick].to(device), ds.targets[pick].to(device), ds.input_shape, ds.num_classes
+
+
+def load_model(
+    spec: str, input_shape: tuple[int, ...], num_classes: int, config: dict
+) -> nn.Module:
+    """A built-in model (seeded with ``seed``) or a user model, on the configured device/dtype."""
+    if ":" in spec:
+        model = load_user_model(spec)
+    else:
+        model = build_model(spec, input_shape, num_classes, seed=config["seed"])
+    return model.to(torch.device(config["device"]), DTYPES[config["dtype"]])
+
+
+def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
+    """Run the comparison of every configured model; records carry ``extra["model"]``.
+
+    Also stores each model's number of trainable parameters in ``config["problems"]``.
+    """
+    inputs, targets, shape, classes = load_batch(config)
+    models = []
+    for spec in config["models"]:
+        try:
+            models.append((spec, load_model(spec, shape, classes, config)))
+        except (ImportError, AttributeError, TypeError, ValueError) as err:
+            raise UsageError(f"model '{spec}': {err}") from None
+    records: list[Record] = []
+    problems = {}
+    for spec, model in tqdm(models, desc="models", disable=not progress or len(models) == 1):
+        loss_fn = nn.CrossEntropyLoss()
+        found = compare(
+            model, loss_fn, inputs, targets, progress=progress, **compare_options(config)
+        )
+        records += [dataclasses.replace(r, extra={**r.extra, "model": spec}) for r in found]
+        problems[spec] = {
+            "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad)
+        }
+    config["problems"] = problems
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``curvlab`` script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            where = f"curvlab {args.command}" if args.command else "curvlab"
+            raise UsageError(f"{where}: error: unrecognized arguments: {' '.join(unknown)}")
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "list":
+            print(_list())
+            return 0
+        config = resolve_config(args)
+        return _run_command(args, config)
+    except UsageError as err:
+        message = str(err)
+        if not message.startswith("curvlab"):
+            message = f"curvlab {args.command}: error: {message}"
+        print(message.replace("\n", " "), file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+
+
+def _run_command(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    out = Path(args.out)
+    existing = [m for m in REPORT_MARKERS if (out / m).exists()]
+    if existing and not args.force:
+        raise UsageError(
+            f"{out} already holds a curvlab report ({existing[0]}); pass --force to overwrite "
+            "it or choose another --out"
+        )
+    start = time.perf_counter()
+    try:
+        records = run(config, progress=not args.quiet)
+    except (CurvlabError, FileNotFoundError, CorruptDataError, ImportError) as err:
+        raise UsageError(str(err)) from None
+    config["elapsed_seconds"] = round(time.perf_counter() - start, 2)
+    figures = report_figures(records, config["headline_damping"], config["reference"])
+    try:
+        write_report(
+            out,
+            records,
+            config,
+            figures,
+            narrative(records, config),
+            formats=config["formats"],
+            force=args.force,
+        )
+    except (FileExistsError, NotADirectoryError) as err:
+        raise UsageError(str(err)) from None
+    print(
+        f"curvlab: wrote {out / 'report.html'} ({len(records)} records, "
+        f"{time.perf_counter() - start:.0f} s)"
+    )
+    return 0
