@@ -1,0 +1,414 @@
+"""Data-parallel curvature: the Gram and the Kronecker factors of a batch split over ranks.
+
+Each rank runs :func:`curvlab.capture` on its own shard of the batch (``N_r`` samples,
+``N = Σ_r N_r``); this module combines the shards with ``torch.distributed`` so that
+every rank holds the curvature of the *concatenated* batch (rank 0's samples first),
+exactly as a single process capturing the whole batch would:
+
+* :func:`gather_capture`: the global :class:`~curvlab.capture.Capture` on every rank:
+  layer inputs ``a`` and output-gradient columns ``e`` all-gathered (they are
+  independent of the shard size), the gradient and loss all-reduced with the weights
+  of the loss reduction, the scale ``s`` made global (``1/N`` for ``mean``).
+* :func:`distributed_gram`: ``K = UᵀU`` assembled block-wise: rank ``r`` computes its
+  block row ``K[rows of r, :]`` from its own ``a``/``e`` against the gathered ones
+  (``1/R`` of the work), then the block rows are all-gathered.
+* :class:`DistributedExactFisher`: :class:`~curvlab.ExactFisher` of the global batch
+  whose Gram comes from :func:`distributed_gram`, whose ``Uᵀ v`` is computed row-block
+  by row-block (all-gather) and whose ``U c`` is summed over ranks (all-reduce), so
+  that the ``O(N P)`` work of ``mv``/``solve`` is split too.
+* :func:`kfac_factors`, :class:`DistributedKFAC`, :class:`DistributedFOOF`: the
+  Kronecker factors' sums all-reduced (``A = Σ_r Σ ā āᵀ / (N T)``, ``G = s Σ_r Σ e eᵀ``).
+
+Shards may have different sizes (tensors are padded for the all-gathers).  Without an
+initialised process group everything runs as a single rank.  Collective calls must be
+made by every rank of the group in the same order: construct these objects and call
+``gram``/``mv``/``solve`` on all ranks (SPMD).  The cost model is in
+``benchmarks/DISTRIBUTED.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from curvlab.capture import Capture, LayerCapture
+from curvlab.config import options
+from curvlab.curvature.base import LayerwiseCurvature
+from curvlab.curvature.eigen_block import EigenBlock
+from curvlab.curvature.exact import ExactFisher
+from curvlab.curvature.factors import KFAC_APPROX, Eigen, LayerFactors
+from curvlab.curvature.gram import SCHEMES, choose_scheme, per_sample_gradients
+from curvlab.curvature.kfac import DAMPING_MODES, KFAC, KFACBlock
+from curvlab.numerics import SOLVE_DTYPE, compute_dtype
+
+REDUCTIONS = ("mean", "sum")
+
+# ----------------------------------------------------------------------------------
+# communication helpers (identity without a process group)
+# ----------------------------------------------------------------------------------
+
+
+def _active(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group=None) -> int:
+    """Ranks in ``group`` (1 without an initialised process group)."""
+    return dist.get_world_size(group) if _active(group) else 1
+
+
+def rank(group=None) -> int:
+    """This process's rank in ``group`` (0 without an initialised process group)."""
+    return dist.get_rank(group) if _active(group) else 0
+
+
+def all_gather_sizes(n: int, device: torch.device, group=None) -> list[int]:
+    """Every rank's ``n``, in rank order."""
+    if not _active(group):
+        return [int(n)]
+    mine = torch.tensor([int(n)], dtype=torch.int64, device=device)
+    out = [torch.empty_like(mine) for _ in range(world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    return [int(t.item()) for t in out]
+
+
+def all_gather_dim(t: Tensor, sizes: list[int], dim: int, group=None) -> Tensor:
+    """Concatenate every rank's ``t`` along ``dim``; rank ``r``'s has ``sizes[r]`` there."""
+    if not _active(group):
+        return t
+    big = max(sizes)
+    pad = big - t.shape[dim]
+    if pad:
+        shape = list(t.shape)
+        shape[dim] = pad
+        t = torch.cat([t, t.new_zeros(shape)], dim=dim)
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in sizes]
+    dist.all_gather(parts, t, group=group)
+    return torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
+
+
+def all_reduce_sum(t: Tensor, group=None) -> Tensor:
+    """``Σ_r t_r`` on every rank (a new tensor)."""
+    t = t.clone()
+    if _active(group):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+# ----------------------------------------------------------------------------------
+# the global capture
+# ----------------------------------------------------------------------------------
+
+
+def _reduction(capture: Capture, sizes: list[int], reduction: str | None, group) -> str:
+    """The loss reduction, given or inferred from every rank's scale (``1/N_r`` or 1)."""
+    if reduction is not None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r} is unknown; choose 'mean' or 'sum'.")
+        return reduction
+    scales = all_gather_dim(
+        torch.tensor([capture.scale], dtype=torch.float64, device=capture.device),
+        [1] * len(sizes),
+        0,
+        group,
+    ).tolist()
+    if all(n == 1 for n in sizes):
+        raise ValueError(
+            "every shard holds one sample, so 'mean' and 'sum' reductions look alike; "
+            "pass reduction='mean' or 'sum'."
+        )
+    is_mean = [abs(s * n - 1.0) < 1e-9 for s, n in zip(scales, sizes)]
+    is_sum = [abs(s - 1.0) < 1e-12 for s in scales]
+    if all(m or n == 1 for m, n in zip(is_mean, sizes)) and any(
+        m and n > 1 for m, n in zip(is_mean, sizes)
+    ):
+        return "mean"
+    if all(is_sum):
+        return "sum"
+    raise ValueError(f"the shards' loss scales {scales} fit neither 'mean' nor 'sum'.")
+
+
+def gather_capture(capture: Capture, group=None, reduction: str | None = None) -> Capture:
+    """The :class:`Capture` of the concatenated batch, on every rank.
+
+    Args:
+        capture: This rank's capture of its shard.
+        group: Process group (default: the world).
+        reduction: The loss's ``"mean"`` or ``"sum"``; inferred from the scales when
+            omitted (ambiguous only when every shard has one sample).
+
+    Returns:
+        A capture whose ``layers`` hold the gathered ``a``/``e`` (rows ordered by rank),
+        ``grad`` and ``loss`` of the whole batch, ``scale`` = ``1/N`` (mean) or 1 (sum),
+        and the gathered ``columns`` and ``output``.
+    """
+    sizes = all_gather_sizes(capture.batch_size, capture.device, group)
+    red = _reduction(capture, sizes, reduction, group)
+    total = sum(sizes)
+    scale = 1.0 / total if red == "mean" else 1.0
+    weight = scale / capture.scale  # N_r / N for mean, 1 for sum
+    layers = [
+        LayerCapture(
+            lc.info,
+            all_gather_dim(lc.a, sizes, 0, group),
+            all_gather_dim(lc.e, sizes, 1, group),
+        )
+        for lc in capture.layers
+    ]
+    grad = all_reduce_sum(capture.grad * weight, group)
+    loss = all_reduce_sum(
+        torch.tensor([capture.loss * weight], dtype=torch.float64, device=capture.device), group
+    )
+    return replace(
+        capture,
+        layers=layers,
+        grad=grad,
+        columns=all_gather_dim(capture.columns, sizes, 1, group),
+        scale=scale,
+        loss=float(loss.item()),
+        output=all_gather_dim(capture.output, sizes, 0, group),
+    )
+
+
+# ----------------------------------------------------------------------------------
+# block-wise Gram
+# ----------------------------------------------------------------------------------
+
+
+def cross_gram(a_rows: Tensor, e_rows: Tensor, a_all: Tensor, e_all: Tensor, scheme: str):
+    """One layer's Gram rows ``K[(n,c), (m,d)]`` for the samples ``n`` of ``a_rows``.
+
+    Args:
+        a_rows, e_rows: This block's inputs ``(n, T, d_in_h)`` and columns ``(C', n, T, o)``.
+        a_all, e_all: All samples' (``(N, T, d_in_h)``, ``(C', N, T, o)``).
+        scheme: ``"pairs"`` or ``"per_sample"`` (see :mod:`curvlab.curvature.gram`).
+
+    Returns:
+        ``(n C', N C')`` in the dtype of ``a_rows``, rows and columns ordered ``(n, c)``.
+    """
+    c, n, t, o = e_rows.shape
+    big_n = a_all.shape[0]
+    er, ea = e_rows.permute(1, 0, 2, 3), e_all.permute(1, 0, 2, 3)  # (n, C', T, o)
+    out = torch.empty(n * c, big_n * c, dtype=a_rows.dtype, device=a_rows.device)
+    item = a_rows.element_size()
+    if scheme == "per_sample":
+        g_all = per_sample_gradients(a_all, ea).reshape(big_n * c, -1)
+        step = max(1, options.chunk_bytes // max(1, c * g_all.shape[1] * item))
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            g = per_sample_gradients(a_rows[i:j], er[i:j]).reshape((j - i) * c, -1)
+            out[i * c : j * c] = g @ g_all.T
+        return out
+    e_flat = ea.reshape(big_n * c * t, o)
+    a_flat = a_all.reshape(big_n * t, a_all.shape[-1])
+    step = max(1, options.chunk_bytes // max(1, (c * t) ** 2 * big_n * item))
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        b = j - i
+        ee = (er[i:j].reshape(b * c * t, o) @ e_flat.T).view(b, c, t, big_n, c, t)
+        aa = (a_rows[i:j].reshape(b * t, -1) @ a_flat.T).view(b, t, big_n, t)
+        if t == 1:
+            block = ee[:, :, 0, :, :, 0] * aa[:, 0, :, 0].view(b, 1, big_n, 1)
+        else:
+            block = torch.einsum("bxtmys,btms->bxmy", ee, aa)
+        out[i * c : j * c] = block.reshape(b * c, big_n * c)
+    return out
+
+
+def gram_block_row(
+    local: Capture, gathered: Capture, scheme: str = "auto", layers: list[int] | None = None
+) -> Tensor:
+    """This rank's block row of ``K = UᵀU``: ``(N_r C', N C')`` in float64.
+
+    Args:
+        local: This rank's capture (its rows).
+        gathered: :func:`gather_capture` of ``local`` (all columns).
+        scheme: ``"auto"`` (per layer, as :func:`~curvlab.curvature.gram.choose_scheme`
+            would pick for the whole batch), ``"pairs"`` or ``"per_sample"``.
+        layers: Indices of the layers to include (default: all).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme={scheme!r} is unknown; choose one of {', '.join(SCHEMES)}.")
+    dtype = compute_dtype(local.dtype)
+    c = local.num_columns
+    out = torch.zeros(
+        local.batch_size * c, gathered.batch_size * c, dtype=SOLVE_DTYPE, device=local.device
+    )
+    picks = range(len(local.layers)) if layers is None else layers
+    for i in picks:
+        lc, gc = local.layers[i], gathered.layers[i]
+        _, big_n, t, o = gc.e.shape
+        sch = scheme
+        if sch == "auto":
+            sch = choose_scheme(big_n, c, t, gc.a.shape[-1], o)
+        out += cross_gram(lc.a.to(dtype), lc.e.to(dtype), gc.a.to(dtype), gc.e.to(dtype), sch)
+    return out
+
+
+def distributed_gram(
+    local: Capture,
+    group=None,
+    gathered: Capture | None = None,
+    scheme: str = "auto",
+    layers: list[int] | None = None,
+) -> Tensor:
+    """The global ``K = UᵀU`` (``(N C', N C')``, float64) on every rank, block-row-wise.
+
+    Rank ``r`` computes ``K[rows of r, :]`` (:func:`gram_block_row`), then the block rows
+    are all-gathered.  Pass ``gathered`` to reuse a :func:`gather_capture` result.
+    """
+    if gathered is None:
+        gathered = gather_capture(local, group)
+    row = gram_block_row(local, gathered, scheme, layers)
+    sizes = all_gather_sizes(local.batch_size, local.device, group)
+    return all_gather_dim(row, [n * local.num_columns for n in sizes], 0, group)
+
+
+class DistributedExactFisher(ExactFisher):
+    """:class:`~curvlab.ExactFisher` of the concatenated batch, its work split over ranks.
+
+    The Gram is assembled block-row-wise (:func:`distributed_gram`); ``Uᵀ v`` is computed
+    for this rank's rows and all-gathered; ``U c`` is this rank's partial sum,
+    all-reduced.  The ``(N C')²`` Cholesky factorisation runs on every rank (it is
+    ``O((N C')³)`` with no ``P`` in it).  Per-layer ``blocks``, ``to_dense`` and
+    ``per_sample_gradients`` read the gathered capture without communicating.
+
+    Args:
+        capture: This rank's capture of its shard.
+        group: Process group (default: the world).
+        memory_budget, scheme: As for :class:`~curvlab.ExactFisher`.
+        reduction: The loss reduction (inferred when omitted, see :func:`gather_capture`).
+    """
+
+    def __init__(
+        self,
+        capture: Capture,
+        group=None,
+        memory_budget: int | None = None,
+        scheme: str = "auto",
+        reduction: str | None = None,
+    ):
+        self.group, self.local = group, capture
+        gathered = gather_capture(capture, group, reduction)
+        super().__init__(gathered, memory_budget, scheme)
+        sizes = all_gather_sizes(capture.batch_size, capture.device, group)
+        me = rank(group)
+        c = capture.num_columns
+        self._row_sizes = [n * c for n in sizes]
+        self._rows = slice(sum(sizes[:me]) * c, sum(sizes[: me + 1]) * c)
+
+    @property
+    def global_capture(self) -> Capture:
+        """The gathered capture of the whole batch (its ``grad`` is the global gradient)."""
+        return self._capture
+
+    @property
+    def gram(self) -> Tensor:
+        if self._gram is None:
+            self._gram = distributed_gram(self.local, self.group, self._capture, self._scheme)
+        return self._gram
+
+    def _ut(self, v: Tensor) -> Tensor:
+        mine = torch.zeros(self._rows.stop - self._rows.start, dtype=SOLVE_DTYPE, device=v.device)
+        for lc, mat in zip(self.local.layers, self._split(v)):
+            av = lc.a.to(self.dtype) @ mat.T  # (N_r, T, d_out)
+            mine += torch.einsum("cnto,nto->nc", lc.e.to(self.dtype), av).reshape(-1).double()
+        return all_gather_dim(mine, self._row_sizes, 0, self.group)
+
+    def _u(self, coef: Tensor) -> Tensor:
+        cc = coef[self._rows].to(self.dtype).view(self.local.batch_size, -1)
+        parts = []
+        for lc in self.local.layers:
+            ec = torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype))
+            mat = torch.einsum("nto,ntk->ok", ec, lc.a.to(self.dtype))
+            parts.append(lc.info.to_flat(mat).reshape(-1))
+        return all_reduce_sum(torch.cat(parts), self.group)
+
+
+# ----------------------------------------------------------------------------------
+# Kronecker factors
+# ----------------------------------------------------------------------------------
+
+
+def kfac_factors(
+    capture: Capture, group=None, approx: str = "expand", reduction: str | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per layer ``(A, G)`` of the concatenated batch (float64), on every rank.
+
+    Each rank sums ``ā āᵀ`` and ``e eᵀ`` over its shard (in the compute dtype, as
+    :mod:`curvlab.curvature.factors` does); the sums are all-reduced in float64 and
+    normalised with the global counts: ``A = Σ ā āᵀ / (N T)`` (``/ N`` for
+    ``"reduce"``), ``G = s Σ e eᵀ`` with the global scale ``s``.
+    """
+    if approx not in KFAC_APPROX:
+        raise ValueError(f"kfac_approx={approx!r} is unknown; choose one of expand, reduce.")
+    sizes = all_gather_sizes(capture.batch_size, capture.device, group)
+    red = _reduction(capture, sizes, reduction, group)
+    total = sum(sizes)
+    scale = 1.0 / total if red == "mean" else 1.0
+    dtype = compute_dtype(capture.dtype)
+    out = {}
+    for lc in capture.layers:
+        a, e = lc.a, lc.e
+        if approx == "reduce":
+            a, e = a.mean(dim=1, keepdim=True), e.sum(dim=2, keepdim=True)
+        fa = a.reshape(-1, a.shape[-1]).to(dtype)
+        fe = e.reshape(-1, e.shape[-1]).to(dtype)
+        sums = torch.cat([(fa.T @ fa).reshape(-1), (fe.T @ fe).reshape(-1)]).to(SOLVE_DTYPE)
+        sums = all_reduce_sum(sums, group)
+        d_a, d_e = fa.shape[1], fe.shape[1]
+        big_a = sums[: d_a * d_a].view(d_a, d_a) / (total * a.shape[1])
+        big_g = scale * sums[d_a * d_a :].view(d_e, d_e)
+        out[lc.name] = (big_a, big_g)
+    return out
+
+
+class DistributedKFAC(KFAC):
+    """:class:`~curvlab.KFAC` of the concatenated batch from all-reduced factors.
+
+    Solve with the global gradient (``gather_capture(...).grad`` or
+    :attr:`DistributedExactFisher.global_capture`).  Arguments as for KFAC, plus the
+    process ``group`` and the loss ``reduction`` (inferred when omitted).
+    """
+
+    def __init__(
+        self,
+        capture: Capture,
+        group=None,
+        damping_mode: str = "heuristic",
+        kfac_approx: str = "expand",
+        reduction: str | None = None,
+    ):
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(
+                f"damping_mode={damping_mode!r} is unknown; choose one of "
+                f"{', '.join(DAMPING_MODES)}."
+            )
+        factors = kfac_factors(capture, group, kfac_approx, reduction)
+        dtype = compute_dtype(capture.dtype)
+        self.damping_mode, self.kfac_approx = damping_mode, kfac_approx
+        LayerwiseCurvature.__init__(
+            self,
+            {
+                lc.name: KFACBlock(LayerFactors(lc, *factors[lc.name]), damping_mode, dtype)
+                for lc in capture.layers
+            },
+        )
+
+
+class DistributedFOOF(LayerwiseCurvature):
+    """:class:`~curvlab.FOOF` (``⊕ A ⊗ I``) of the concatenated batch from all-reduced ``A``."""
+
+    def __init__(self, capture: Capture, group=None, reduction: str | None = None):
+        factors = kfac_factors(capture, group, "expand", reduction)
+        dtype = compute_dtype(capture.dtype)
+        blocks = {}
+        for lc in capture.layers:
+            eig = Eigen.of(factors[lc.name][0])
+            ones = torch.ones(lc.info.d_out, 1, dtype=eig.values.dtype, device=eig.values.device)
+            blocks[lc.name] = EigenBlock(lc.info, None, eig.vectors, ones * eig.values, dtype)
+        super().__init__(blocks)
