@@ -137,6 +137,10 @@ def capture(
 
     Returns:
         The :class:`Capture`; all of its tensors live on the model's device.
+
+    The model runs in the mode it is in: in ``train()`` mode its forward pass updates
+    BatchNorm running statistics once, as one training forward would; call
+    ``model.eval()`` first for a diagnostic that must leave the model untouched.
     """
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher={fisher!r} is unknown; choose one of {', '.join(FISHER_TYPES)}.")
