@@ -9,6 +9,8 @@ Commands:
 * ``curvlab spectra`` / ``curvlab damping`` / ``curvlab kfc``: the same with only the
   spectra, the damping sweep, or the KFC assumption checks (default models: the two
   CNNs).
+* ``curvlab train``: training trajectories of several methods from the same start,
+  with per-step compare diagnostics along one of them (:mod:`curvlab.train_cli`).
 * ``curvlab list``: the valid methods, models, datasets, Fisher types and sections.
 
 Invalid options give a one-line error naming the valid choices and exit code 2.
@@ -22,12 +24,24 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from curvlab.cli_common import (
+    DTYPES,
+    FORMATS,
+    POOL,
+    Parser,
+    UsageError,
+    check_out,
+    device,
+    load_model,
+    names,
+    optional,
+)
 from curvlab.compare.figures import report_figures
 from curvlab.compare.methods import DEFAULT_METHODS, METHODS, check_methods
 from curvlab.compare.narrative import narrative
@@ -42,15 +56,11 @@ from curvlab.compare.run import (
 from curvlab.data import DATASETS, CorruptDataError, load_dataset
 from curvlab.errors import CurvlabError
 from curvlab.losses import FISHER_TYPES
-from curvlab.models import MODELS, build_model, load_user_model
+from curvlab.models import MODELS
 from curvlab.records import Record
 from curvlab.report import write_report
-from curvlab.report.writer import REPORT_MARKERS
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-FORMATS = ("png", "pdf", "svg")
-POOL = 10_000
-"""File-based datasets: the batch is drawn from the first this many training examples."""
+from curvlab.train import TRAIN_METHODS
+from curvlab.train_cli import add_train_parser, resolve_train_config, run_train_command
 
 _COMMANDS = {
     # name: (help, sections, models, output folder)
@@ -101,21 +111,9 @@ versions, device, seed, every record), results.csv, figures/ (PNG and PDF)."""
 
 _EPILOG = """\
 'curvlab compare' alone runs the built-in problem (an MLP and max-/average-pooling
-CNNs on scikit-learn's digits; nothing is downloaded). 'curvlab <command> --help'
+CNNs on scikit-learn's digits; nothing is downloaded). 'curvlab train' trains SGD,
+exact natural gradient, KFAC and FOOF on it. 'curvlab <command> --help'
 lists the options; 'curvlab list' the valid methods, models and datasets."""
-
-
-class UsageError(Exception):
-    """An invalid option; printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: error: {message}")
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _add_options(
@@ -215,16 +213,17 @@ def _add_options(
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``curvlab`` argument parser with its subcommands."""
-    parser = _Parser(
+    parser = Parser(
         prog="curvlab",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=Parser)
     for name, (help_text, sections, models, out) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_options(p, sections, models, out)
+    add_train_parser(sub)
     sub.add_parser("list", help="list valid methods, models, datasets, Fisher types, sections")
     return parser
 
@@ -237,29 +236,12 @@ def _list() -> str:
         f"datasets: {', '.join(DATASETS)}",
         f"fisher:   {', '.join(FISHER_TYPES)}",
         f"sections: {', '.join(SECTIONS)}",
+        "training methods (curvlab train; default hyperparameters):",
     ]
+    for name, (summary, _, defaults) in TRAIN_METHODS.items():
+        hp = ", ".join(f"{k}={v}" for k, v in defaults.items())
+        lines.append(f"  {name:<15} {summary} [{hp}]")
     return "\n".join(lines)
-
-
-def _optional(name: str) -> str | None:
-    return None if name.lower() == "none" else name
-
-
-def _device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{text}'; choose from cpu, cuda, cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device '{text}' requested but CUDA is not available; choose cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            valid = ", ".join(["cpu", "cuda", *(f"cuda:{i}" for i in range(count))])
-            raise UsageError(f"device '{text}' does not exist; choose from {valid}")
-    elif device.type != "cpu":
-        raise UsageError(f"unsupported device '{text}'; choose from cpu, cuda, cuda:N")
-    return device
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,20 +251,20 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         UsageError: an invalid option, with the valid choices.
     """
     try:
-        methods = check_methods([args.reference, *_names(args.methods)])
-        rescale = _optional(args.rescale_to)
+        methods = check_methods([args.reference, *names(args.methods)])
+        rescale = optional(args.rescale_to)
         if rescale is not None:
             check_methods([rescale])
-        inner = [] if args.inner.lower() == "none" else _names(args.inner)
+        inner = [] if args.inner.lower() == "none" else names(args.inner)
         check_methods(inner)
         if "sgd" in inner:
             raise ValueError("'sgd' has no curvature for an inner product; choose another method")
-        sections = check_sections(_names(args.sections))
-        damping = check_positive(_names(args.damping), "damping")
-        lrs = check_positive(_names(args.lr), "learning rate")
+        sections = check_sections(names(args.sections))
+        damping = check_positive(names(args.damping), "damping")
+        lrs = check_positive(names(args.lr), "learning rate")
     except ValueError as err:
         raise UsageError(str(err)) from None
-    models = list(dict.fromkeys(_names(args.model)))
+    models = list(dict.fromkeys(names(args.model)))
     for spec in models:
         if ":" not in spec and spec not in MODELS:
             raise UsageError(
@@ -293,7 +275,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"no model given; choose from {', '.join(MODELS)}")
     if args.data not in DATASETS:
         raise UsageError(f"unknown dataset '{args.data}'; choose from {', '.join(DATASETS)}")
-    formats = _names(args.format)
+    formats = names(args.format)
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise UsageError(f"unknown figure format '{bad[0]}'; choose from {', '.join(FORMATS)}")
@@ -306,7 +288,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     ):
         if value < low:
             raise UsageError(f"{flag} must be an integer >= {low}, got {value}")
-    device = _device(args.device)
+    dev = device(args.device)
     return {
         "command": args.command,
         "models": models,
@@ -314,7 +296,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "data_root": args.data_root,
         "batch_size": args.batch_size,
         "seed": args.seed,
-        "device": str(device),
+        "device": str(dev),
         "dtype": args.dtype,
         "loss": "CrossEntropyLoss(reduction='mean')",
         "fisher": args.fisher,
@@ -376,17 +358,6 @@ def load_batch(config: dict[str, Any]) -> tuple[Tensor, Tensor, tuple[int, ...],
     return ds.inputs[pick].to(device), ds.targets[pick].to(device), ds.input_shape, ds.num_classes
 
 
-def load_model(
-    spec: str, input_shape: tuple[int, ...], num_classes: int, config: dict
-) -> nn.Module:
-    """A built-in model (seeded with ``seed``) or a user model, on the configured device/dtype."""
-    if ":" in spec:
-        model = load_user_model(spec)
-    else:
-        model = build_model(spec, input_shape, num_classes, seed=config["seed"])
-    return model.to(torch.device(config["device"]), DTYPES[config["dtype"]])
-
-
 def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
     """Run the comparison of every configured model; records carry ``extra["model"]``.
 
@@ -428,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             print(_list())
             return 0
+        if args.command == "train":
+            return run_train_command(args, resolve_train_config(args))
         config = resolve_config(args)
         return _run_command(args, config)
     except UsageError as err:
@@ -442,12 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace, config: dict[str, Any]) -> int:
     out = Path(args.out)
-    existing = [m for m in REPORT_MARKERS if (out / m).exists()]
-    if existing and not args.force:
-        raise UsageError(
-            f"{out} already holds a curvlab report ({existing[0]}); pass --force to overwrite "
-            "it or choose another --out"
-        )
+    check_out(out, args.force)
     start = time.perf_counter()
     try:
         records = run(config, progress=not args.quiet)

@@ -1,4 +1,4 @@
-"""Training curves: a metric against the step, one line per method."""
+"""Training curves and per-step diagnostics: a metric against the step, one line per method."""
 
 from __future__ import annotations
 
@@ -15,14 +15,16 @@ def plot_training(
     metric: str = "train_loss",
     logy: bool = True,
     damping: float | None = None,
+    section: str = "train",
 ) -> Figure:
-    """Section ``"train"``: ``metric`` against ``index`` (the step), one line per method.
+    """``metric`` of ``section`` (``"train"`` or ``"trajectory"``) against ``index`` (the
+    step), one line per method.
 
     The value axis is logarithmic when ``logy`` and every value is positive.
     Repeated rows (e.g. seeds) are averaged; records without an index are left out.
     """
     caller = "plot_training"
-    rows = select(records, "train", caller, metrics=[metric], damping=damping)
+    rows = select(records, section, caller, metrics=[metric], damping=damping)
     rows = rows.dropna(subset=["index"])
     if rows.empty:
         raise ValueError(f"{caller}: no '{metric}' record has a step (index)")

@@ -1,0 +1,372 @@
+"""Training trajectories: run several update rules on one problem and log tidy records.
+
+Each method is a *stepper factory*: ``make(model) -> step`` where ``step(inputs, targets)``
+performs one update of ``model`` in place and returns the mini-batch loss before the
+update.  :func:`stepper` builds the factories of the built-in methods
+(:data:`TRAIN_METHODS`; names as in :mod:`curvlab.compare`: ``"exact"`` is the exact
+natural gradient) from :mod:`curvlab.optim`.  :func:`train` gives every method a fresh
+copy of the same initial model and the same mini-batch sequence, and returns records:
+
+* section ``"train"``: ``train_loss`` (index = step, the mini-batch loss before each
+  update), ``step_time`` (wall-clock seconds of the update), ``test_loss`` /
+  ``test_accuracy`` (on the test set every ``eval_every`` steps and at the end);
+* section ``"trajectory"`` (with :class:`Diagnostics`): along the trajectory of one
+  method, every ``every`` steps and before its update, the compare metrics on the
+  current mini-batch: cosine of each method's direction to the exact natural gradient
+  (``metric="cosine"``, ``reference="exact"``) and the best relative loss decrease of
+  one step over a learning-rate grid (``metric="best_relative_loss_decrease"``).
+
+:func:`grid_search` tries every combination of a hyperparameter grid for one method.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from curvlab.compare.analysis import Analysis
+from curvlab.compare.cosine import cosine_records
+from curvlab.compare.methods import check_methods
+from curvlab.compare.progress import progress_records
+from curvlab.compare.run import DEFAULT_LRS
+from curvlab.optim import FOOF, KFAC, SINGD, NaturalGradient, TwoLevelKFAC
+from curvlab.records import NETWORK, Record
+
+Step = Callable[[Tensor, Tensor], float]
+StepperFactory = Callable[[nn.Module], Step]
+
+TRAIN_METHODS: dict[str, tuple[str, Callable[..., Any] | None, dict[str, Any]]] = {
+    # name: (summary, optimizer class (None: SGD), defaults)
+    "sgd": ("stochastic gradient descent (torch.optim.SGD)", None, {"lr": 0.3}),
+    "exact": (
+        "exact natural gradient, full Fisher (Woodbury)",
+        NaturalGradient,
+        {"lr": 0.3, "damping": 0.1},
+    ),
+    "blockdiag": (
+        "exact natural gradient, block-diagonal Fisher",
+        NaturalGradient,
+        {"lr": 0.3, "damping": 0.1, "structure": "block_diagonal"},
+    ),
+    "kfac": ("KFAC, heuristic damping", KFAC, {"lr": 0.1, "damping": 1e-3}),
+    "kfac-standard": (
+        "KFAC, standard damping (A ⊗ G + λI)⁻¹",
+        KFAC,
+        {"lr": 0.03, "damping": 1e-3, "damping_mode": "standard"},
+    ),
+    "foof": ("FOOF, (A + λI)⁻¹ per layer", FOOF, {"lr": 0.3, "damping": 1e-3}),
+    "two-level-kfac": (
+        "KFAC plus the coarse-space correction",
+        TwoLevelKFAC,
+        {"lr": 0.1, "damping": 1e-3},
+    ),
+    "singd": ("SINGD (IKFAC rule, dense factors)", SINGD, {"lr": 0.05, "damping": 1e-3}),
+}
+"""Built-in methods of :func:`stepper`: summary, optimizer and default hyperparameters.
+
+The defaults are the best of a small grid (lr x λ, 50 steps, batch 128) for the built-in
+MLP on the digits; tune them for other problems with :func:`grid_search`."""
+
+
+def check_train_methods(names: Sequence[str]) -> list[str]:
+    """``names`` if every one is in :data:`TRAIN_METHODS`, else a ``ValueError`` listing them."""
+    for name in names:
+        if name not in TRAIN_METHODS:
+            raise ValueError(
+                f"unknown training method '{name}'; choose from {', '.join(TRAIN_METHODS)}"
+            )
+    return list(names)
+
+
+def stepper(name: str, loss_fn: nn.Module, **hparams: Any) -> StepperFactory:
+    """The stepper factory of built-in method ``name`` with ``hparams`` over its defaults.
+
+    ``hparams`` are keyword arguments of the method's optimizer (``lr``, ``damping``,
+    ``momentum``, ``fisher``, ...; SGD takes ``lr``, ``momentum``, ``weight_decay``).
+    """
+    check_train_methods([name])
+    _, cls, defaults = TRAIN_METHODS[name]
+    options = {**defaults, **hparams}
+
+    def make(model: nn.Module) -> Step:
+        if cls is None:
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **options)
+
+            def sgd_step(inputs: Tensor, targets: Tensor) -> float:
+                opt.zero_grad()
+                with torch.enable_grad():
+                    loss = loss_fn(model(inputs), targets)
+                    loss.backward()
+                opt.step()
+                return float(loss.detach())
+
+            return sgd_step
+        return cls(model, loss_fn, **options).step
+
+    return make
+
+
+@dataclass
+class Problem:
+    """A training problem: model factory, loss and data (tensors on one device).
+
+    Attributes:
+        make_model: Returns a freshly initialised model (called once; copies are
+            made for each method so all start from the same weights).
+        loss_fn: The training loss.
+        train: ``(inputs, targets)`` of the training set.
+        test: ``(inputs, targets)`` of the test set, or ``None``.
+    """
+
+    make_model: Callable[[], nn.Module]
+    loss_fn: nn.Module
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor] | None = None
+
+
+@dataclass
+class Diagnostics:
+    """Per-step compare metrics along the trajectory of one method.
+
+    Attributes:
+        follow: The method (a key of ``methods`` in :func:`train`) whose trajectory is
+            diagnosed.
+        every: Diagnose every this many steps (step 0 included).
+        methods: Compare methods (:data:`curvlab.compare.METHODS`) whose directions are
+            measured at each diagnosed point; ``"exact"`` is always the reference.
+        damping: The λ of every direction.
+        fisher: Fisher type of the curvature objects (``"exact"`` = GGN).
+        lrs: Learning-rate grid of the progress metric.
+    """
+
+    follow: str
+    every: int = 10
+    methods: Sequence[str] = ("kfac", "foof", "blockdiag", "sgd")
+    damping: float = 1e-3
+    fisher: str = "exact"
+    lrs: Sequence[float] = field(default_factory=lambda: list(DEFAULT_LRS))
+
+    def __post_init__(self) -> None:
+        if int(self.every) != self.every or self.every < 1:
+            raise ValueError(f"Diagnostics.every must be a positive integer, got {self.every!r}")
+        check_methods(list(self.methods))
+        if not self.damping > 0:
+            raise ValueError(f"Diagnostics.damping must be > 0, got {self.damping!r}")
+
+    def records(
+        self, model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, step: int
+    ) -> list[Record]:
+        """Section ``"trajectory"`` records at ``step`` for the current parameters."""
+        analysis = Analysis(model, loss_fn, inputs, targets, fisher=self.fisher)
+        others = [m for m in self.methods if m != "exact"]
+        found = cosine_records(
+            analysis, ["exact", *others], [self.damping], "exact", inner_products=(), pairwise=False
+        )
+        found = [r for r in found if r.layer == NETWORK]
+        found += [
+            r
+            for r in progress_records(analysis, ["exact", *others], [self.damping], self.lrs)
+            if r.metric == "best_relative_loss_decrease"
+        ]
+        extra = {"follow": self.follow}
+        return [
+            dataclasses.replace(r, section="trajectory", index=step, extra={**r.extra, **extra})
+            for r in found
+        ]
+
+
+def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Index tensors of ``steps`` mini-batches, reshuffling each epoch (full batch if
+    ``batch_size >= n``)."""
+    size = min(batch_size, n)
+    produced = 0
+    while produced < steps:
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - size + 1, size):
+            if produced == steps:
+                return
+            yield order[i : i + size]
+            produced += 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: nn.Module, data: tuple[Tensor, Tensor]) -> dict:
+    """Loss (with ``loss_fn``) and classification accuracy (argmax) on ``data``."""
+    inputs, targets = data
+    out = model(inputs)
+    result = {"loss": float(loss_fn(out, targets))}
+    if targets.dim() == 1 and not targets.dtype.is_floating_point:
+        result["accuracy"] = float((out.argmax(dim=1) == targets).float().mean())
+    return result
+
+
+def train(
+    problem: Problem,
+    methods: Mapping[str, StepperFactory],
+    steps: int,
+    batch_size: int,
+    seed: int = 0,
+    eval_every: int | None = None,
+    diagnostics: Diagnostics | None = None,
+    progress: bool = True,
+) -> list[Record]:
+    """Run every method for ``steps`` updates from the same start on the same batches.
+
+    Args:
+        problem: Model factory, loss and data.
+        methods: Name -> stepper factory (e.g. ``{"kfac": stepper("kfac", loss_fn)}``).
+        steps: Updates per method.
+        batch_size: Mini-batch size (the full training set if larger).
+        seed: Seed of the mini-batch order (the same for every method).
+        eval_every: Evaluate on the test set every this many steps (and at the end).
+        diagnostics: Compare metrics along the trajectory of ``diagnostics.follow``.
+        progress: Show a progress bar.
+
+    Each method runs with torch's CPU random generator seeded with ``seed`` (sampled
+    Fisher labels are reproducible); the caller's generator state is restored after.
+
+    Returns:
+        Records of sections ``"train"`` and ``"trajectory"`` (module docstring).  A
+        method whose loss becomes non-finite stops early (its last ``train_loss`` record
+        has ``extra={"diverged": True}``) instead of aborting the others.
+    """
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if diagnostics is not None and diagnostics.follow not in methods:
+        raise ValueError(
+            f"diagnostics follow '{diagnostics.follow}', which is not among the methods "
+            f"({', '.join(methods)})"
+        )
+    initial = problem.make_model()
+    records: list[Record] = []
+    bar = tqdm(total=steps * len(methods), disable=not progress, desc="train", leave=False)
+    for name, make in methods.items():
+        bar.set_postfix_str(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # reproducible sampled (MC) labels, the same per method
+            records += _run_method(
+                name,
+                make,
+                copy.deepcopy(initial),
+                problem,
+                steps,
+                batch_size,
+                seed,
+                eval_every,
+                diagnostics,
+                bar,
+            )
+    bar.close()
+    return records
+
+
+def _run_method(
+    name: str,
+    make: StepperFactory,
+    model: nn.Module,
+    problem: Problem,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    eval_every: int | None,
+    diagnostics: Diagnostics | None,
+    bar: tqdm,
+) -> list[Record]:
+    """The records of one method's run (see :func:`train`)."""
+    inputs, targets = problem.train
+    records: list[Record] = []
+    step = make(model)
+    gen = torch.Generator().manual_seed(seed)
+    for k, idx in enumerate(batches(inputs.shape[0], batch_size, steps, gen)):
+        idx = idx.to(inputs.device)
+        x, y = inputs[idx], targets[idx]
+        if diagnostics is not None and name == diagnostics.follow and k % diagnostics.every == 0:
+            records += diagnostics.records(model, problem.loss_fn, x, y, k)
+        start = time.perf_counter()
+        loss = float(step(x, y))
+        elapsed = time.perf_counter() - start
+        bar.update(1)
+        if not math.isfinite(loss):
+            records.append(
+                Record("train", "train_loss", name, loss, index=k, extra={"diverged": True})
+            )
+            break
+        records.append(Record("train", "train_loss", name, loss, index=k))
+        records.append(Record("train", "step_time", name, elapsed, index=k))
+        if problem.test is not None and eval_every and (k + 1) % eval_every == 0:
+            records += _eval_records(model, problem, name, k + 1)
+    if problem.test is not None and not (eval_every and steps % eval_every == 0):
+        records += _eval_records(model, problem, name, steps)
+    return records
+
+
+def _eval_records(model: nn.Module, problem: Problem, name: str, step: int) -> list[Record]:
+    metrics = evaluate(model, problem.loss_fn, problem.test)
+    return [Record("train", f"test_{k}", name, v, index=step) for k, v in metrics.items()]
+
+
+def final_loss(records: Sequence[Record], method: str, window: int) -> float:
+    """Mean ``train_loss`` of ``method`` over its last ``window`` steps (``inf`` if it
+    diverged or has none)."""
+    losses = [r for r in records if r.metric == "train_loss" and r.method == method]
+    if not losses or any(r.extra.get("diverged") for r in losses):
+        return math.inf
+    tail = [r.value for r in losses[-window:]]
+    return sum(tail) / len(tail)
+
+
+def grid_search(
+    problem: Problem,
+    method: str,
+    grid: Mapping[str, Sequence[Any]],
+    steps: int,
+    batch_size: int,
+    seed: int = 0,
+    fixed: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], list[Record]]:
+    """Train built-in ``method`` with every combination of ``grid`` and pick the best.
+
+    The score of a combination is its mean training loss over the last
+    ``max(1, steps // 10)`` steps (``inf`` when it diverges).
+
+    Args:
+        problem: The training problem.
+        method: A key of :data:`TRAIN_METHODS`.
+        grid: Hyperparameter name -> values (e.g. ``{"lr": [0.01, 0.1], "damping": [1e-3]}``).
+        steps, batch_size, seed: As in :func:`train`.
+        fixed: Further hyperparameters held fixed.
+
+    Returns:
+        The best hyperparameters (``grid`` entries only) and records of section ``"grid"``:
+        ``metric="final_train_loss"`` per combination, its hyperparameters in ``extra``.
+    """
+    check_train_methods([method])
+    if not grid or any(len(v) == 0 for v in grid.values()):
+        raise ValueError("grid must name at least one hyperparameter, each with values")
+    names = list(grid)
+    window = max(1, steps // 10)
+    best_score, best_hp = math.inf, None
+    records = []
+    combos = list(itertools.product(*(grid[k] for k in names)))
+    for values in tqdm(combos, desc=f"grid {method}", disable=not progress, leave=False):
+        hp = dict(zip(names, values))
+        make = stepper(method, problem.loss_fn, **{**(fixed or {}), **hp})
+        found = train(problem, {method: make}, steps, batch_size, seed, progress=False)
+        score = final_loss(found, method, window)
+        records.append(Record("grid", "final_train_loss", method, score, extra=dict(hp)))
+        if best_hp is None or score < best_score:
+            best_score, best_hp = score, hp
+    return best_hp, records

@@ -1,0 +1,350 @@
+"""``curvlab train``: training trajectories of several methods, written as a report.
+
+Every method starts from the same initial model and sees the same mini-batches
+(:func:`curvlab.train.train`); along the trajectory of one method (``--diagnose``)
+each diagnosed step also records the compare metrics on its mini-batch.  The report
+has the training and test curves, the per-step wall-clock time and the diagnostics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from curvlab.cli_common import (
+    DTYPES,
+    FORMATS,
+    POOL,
+    UsageError,
+    check_out,
+    device,
+    load_model,
+    names,
+    optional,
+)
+from curvlab.compare.methods import check_methods
+from curvlab.data import DATASETS, CorruptDataError, load_dataset
+from curvlab.errors import CurvlabError
+from curvlab.models import MODELS
+from curvlab.plots import plot_training
+from curvlab.records import Record, to_dataframe
+from curvlab.report import write_report
+from curvlab.train import TRAIN_METHODS, Diagnostics, Problem, final_loss, stepper, train
+
+DEFAULT_TRAIN_METHODS = ("sgd", "exact", "kfac", "foof")
+HPARAMS = ("lr", "damping")
+"""Hyperparameters settable per method on the command line."""
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``train`` subcommand."""
+    help_text = "train several methods from the same start and report their trajectories"
+    p = sub.add_parser("train", help=help_text, description=help_text)
+    g = p.add_argument_group("problem")
+    g.add_argument(
+        "--model",
+        default="mlp",
+        help=f"built-in ({', '.join(MODELS)}) or package.module:function [default: mlp]",
+    )
+    g.add_argument("--data", default="digits", help=f"{', '.join(DATASETS)} [default: digits]")
+    g.add_argument(
+        "--data-root", default=None, help="data folder [default: $CURVLAB_DATA or ./data]"
+    )
+    g.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help=f"training examples used [default: all for digits, {POOL} for file datasets]",
+    )
+    g.add_argument("--seed", type=int, default=0, help="model init and batch order [default: 0]")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [default: cpu]")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="[default: float32]")
+    t = p.add_argument_group("training")
+    t.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_TRAIN_METHODS),
+        help=f"comma-separated from {', '.join(TRAIN_METHODS)} ('exact' = exact natural "
+        f"gradient) [default: {','.join(DEFAULT_TRAIN_METHODS)}]",
+    )
+    t.add_argument("--steps", type=int, default=100, help="updates per method [default: 100]")
+    t.add_argument("--batch-size", type=int, default=128, help="mini-batch size [default: 128]")
+    for name in HPARAMS:
+        t.add_argument(
+            f"--{name}",
+            default=None,
+            help=f"{name}: one value for every method or per method, e.g. "
+            f"'sgd=0.3,kfac=0.1' [default: each method's own, see 'curvlab list']",
+        )
+    t.add_argument("--eval-every", type=int, default=10, help="test-set evaluation period [10]")
+    t.add_argument(
+        "--diagnose",
+        default=None,
+        help="method whose trajectory gets per-step compare diagnostics (cosine to the "
+        "exact natural gradient, progress per update); 'none' to skip [default: kfac when "
+        "trained, else none]",
+    )
+    t.add_argument("--diagnose-every", type=int, default=10, help="diagnosis period [10]")
+    t.add_argument(
+        "--diagnose-methods",
+        default="kfac,foof,blockdiag,sgd",
+        help="compare methods measured at each diagnosed step [default: %(default)s]",
+    )
+    t.add_argument(
+        "--diagnose-damping", type=float, default=1e-3, help="λ of the diagnostics [1e-3]"
+    )
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="curvlab-train", help="report folder [./curvlab-train]")
+    o.add_argument("--force", action="store_true", help="overwrite a report already in --out")
+    o.add_argument("--format", default="png,pdf", help="figure formats from png, pdf, svg")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def per_method(
+    text: str | None, methods: Sequence[str], what: str, accepts: Sequence[str]
+) -> dict[str, float]:
+    """``--lr``/``--damping``: ``"0.1"`` (every method in ``accepts``) or per method,
+    ``"sgd=0.3,kfac=0.1"``."""
+    if text is None:
+        return {}
+    out: dict[str, float] = {}
+    for item in names(text):
+        method, _, value = item.rpartition("=")
+        if method and method not in methods:
+            raise UsageError(
+                f"--{what} names '{method}', which is not among --methods ({', '.join(methods)})"
+            )
+        if method and method not in accepts:
+            raise UsageError(f"--{what} names '{method}', which has no {what}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UsageError(f"--{what} value '{value}' is not a number") from None
+        if not number > 0:
+            raise UsageError(f"--{what} must be > 0, got {value}")
+        out.update(dict.fromkeys([method] if method else accepts, number))
+    return out
+
+
+def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate the ``train`` options into the run configuration."""
+    methods = list(dict.fromkeys(names(args.methods)))
+    if not methods:
+        raise UsageError(f"no method given; choose from {', '.join(TRAIN_METHODS)}")
+    for m in methods:
+        if m not in TRAIN_METHODS:
+            raise UsageError(f"unknown method '{m}'; choose from {', '.join(TRAIN_METHODS)}")
+    hparams: dict[str, dict[str, Any]] = {m: dict(TRAIN_METHODS[m][2]) for m in methods}
+    for what in HPARAMS:
+        accepts = [m for m in methods if what in hparams[m]]
+        for m, value in per_method(getattr(args, what), methods, what, accepts).items():
+            hparams[m][what] = value
+    if args.diagnose is None:
+        follow = "kfac" if "kfac" in methods else None
+    else:
+        follow = optional(args.diagnose)
+    if follow is not None and follow not in methods:
+        raise UsageError(f"--diagnose '{follow}' is not among --methods ({', '.join(methods)})")
+    try:
+        diag_methods = check_methods(names(args.diagnose_methods))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if ":" not in args.model and args.model not in MODELS:
+        raise UsageError(
+            f"unknown model '{args.model}'; choose from {', '.join(MODELS)} or "
+            "package.module:function"
+        )
+    if args.data not in DATASETS:
+        raise UsageError(f"unknown dataset '{args.data}'; choose from {', '.join(DATASETS)}")
+    formats = names(args.format)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise UsageError(f"unknown figure format '{bad[0]}'; choose from {', '.join(FORMATS)}")
+    for flag, value in (
+        ("--steps", args.steps),
+        ("--batch-size", args.batch_size),
+        ("--eval-every", args.eval_every),
+        ("--diagnose-every", args.diagnose_every),
+        ("--train-size", 1 if args.train_size is None else args.train_size),
+    ):
+        if value < 1:
+            raise UsageError(f"{flag} must be an integer >= 1, got {value}")
+    if not args.diagnose_damping > 0:
+        raise UsageError(f"--diagnose-damping must be > 0, got {args.diagnose_damping}")
+    return {
+        "command": "train",
+        "models": [args.model],
+        "data": args.data,
+        "data_root": args.data_root,
+        "train_size": args.train_size,
+        "seed": args.seed,
+        "device": str(device(args.device)),
+        "dtype": args.dtype,
+        "loss": "CrossEntropyLoss(reduction='mean')",
+        "methods": methods,
+        "hyperparameters": hparams,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "eval_every": args.eval_every,
+        "diagnose": follow,
+        "diagnose_every": args.diagnose_every,
+        "diagnose_methods": diag_methods,
+        "diagnose_damping": args.diagnose_damping,
+        "formats": list(dict.fromkeys(["png", "pdf", *formats])),
+    }
+
+
+def load_problem(config: dict[str, Any]) -> Problem:
+    """The training problem of a configuration (train and test splits, model factory)."""
+    name, dtype, dev = config["data"], DTYPES[config["dtype"]], torch.device(config["device"])
+    n = config["train_size"] or (None if name == "digits" else POOL)
+    root = config["data_root"]
+    try:
+        train_set = load_dataset(name, "train", n=n, root=root, dtype=dtype)
+        test_set = load_dataset(
+            name, "test", n=None if name == "digits" else POOL, root=root, dtype=dtype
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    shape, classes = train_set.input_shape, train_set.num_classes
+
+    def make_model() -> nn.Module:
+        try:
+            return load_model(config["models"][0], shape, classes, config)
+        except (ImportError, AttributeError, TypeError, ValueError) as err:
+            raise UsageError(f"model '{config['models'][0]}': {err}") from None
+
+    return Problem(
+        make_model,
+        nn.CrossEntropyLoss(),
+        (train_set.inputs.to(dev), train_set.targets.to(dev)),
+        (test_set.inputs.to(dev), test_set.targets.to(dev)),
+    )
+
+
+def run_train(config: dict[str, Any], progress: bool = True) -> list[Record]:
+    """Train every configured method; the records of :func:`curvlab.train.train`."""
+    problem = load_problem(config)
+    methods = {
+        m: stepper(m, problem.loss_fn, **config["hyperparameters"][m]) for m in config["methods"]
+    }
+    diagnostics = None
+    if config["diagnose"] is not None:
+        diagnostics = Diagnostics(
+            config["diagnose"],
+            every=config["diagnose_every"],
+            methods=config["diagnose_methods"],
+            damping=config["diagnose_damping"],
+        )
+    return train(
+        problem,
+        methods,
+        config["steps"],
+        config["batch_size"],
+        seed=config["seed"],
+        eval_every=config["eval_every"],
+        diagnostics=diagnostics,
+        progress=progress,
+    )
+
+
+def train_figures(records: Sequence[Record]) -> dict[str, Figure]:
+    """Training loss, test accuracy and loss, step time and the trajectory diagnostics."""
+    df = to_dataframe(records)
+    figs = {"train_loss": plot_training(records, metric="train_loss")}
+    for metric in ("test_accuracy", "test_loss", "step_time"):
+        if (df["metric"] == metric).any():
+            figs[f"train_{metric}"] = plot_training(
+                records, metric=metric, logy=metric != "test_accuracy"
+            )
+    for metric in ("cosine", "best_relative_loss_decrease"):
+        if ((df["section"] == "trajectory") & (df["metric"] == metric)).any():
+            figs[f"trajectory_{metric}"] = plot_training(
+                records, metric=metric, logy=False, section="trajectory"
+            )
+    return figs
+
+
+def train_narrative(records: Sequence[Record], config: dict[str, Any]) -> dict[str, str]:
+    """Summary and per-section text of a training report, from the measured records."""
+    df = to_dataframe(records)
+    steps = config["steps"]
+    window = max(1, steps // 10)
+    lines = []
+    for m in config["methods"]:
+        rows = df[df["method"] == m]
+        loss = final_loss(records, m, window)
+        acc = rows[(rows["section"] == "train") & (rows["metric"] == "test_accuracy")]
+        time_rows = rows[rows["metric"] == "step_time"]["value"]
+        hp = ", ".join(
+            f"{k}={v:g}" for k, v in config["hyperparameters"][m].items() if isinstance(v, float)
+        )
+        status = (
+            "diverged"
+            if loss == float("inf")
+            else f"final training loss {loss:.4g} (mean of the last {window} steps)"
+        )
+        extra = f", test accuracy {acc['value'].iloc[-1]:.3f}" if len(acc) else ""
+        median = f", median step {time_rows.median() * 1e3:.1f} ms" if len(time_rows) else ""
+        lines.append(f"- {m} ({hp}): {status}{extra}{median}.")
+    text = {
+        "summary": (
+            f"curvlab trained {', '.join(config['methods'])} for {steps} steps of batch "
+            f"{config['batch_size']} on '{config['data']}' with model {config['models'][0]}, "
+            "all from the same initial weights and on the same mini-batches. Every value is "
+            "in results.csv and results.json."
+        ),
+        "train": "\n".join(lines),
+    }
+    traj = df[df["section"] == "trajectory"]
+    if len(traj):
+        means = traj.groupby(["metric", "method"], sort=False)["value"].mean()
+        parts = [
+            f"{metric} {method}: {value:.3g}"
+            for (metric, method), value in means.items()
+            if pd.notna(value)
+        ]
+        text["trajectory"] = (
+            f"Along the trajectory of {config['diagnose']}, every {config['diagnose_every']} "
+            f"steps, on the current mini-batch with λ = {config['diagnose_damping']:g}: cosine of "
+            "each method's direction to the exact natural gradient, and the best relative "
+            "loss decrease of one step over a learning-rate grid. Means over the diagnosed "
+            "steps: " + "; ".join(parts) + "."
+        )
+    return text
+
+
+def run_train_command(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    """Run ``curvlab train`` and write its report; returns the exit code."""
+    out = Path(args.out)
+    check_out(out, args.force)
+    start = time.perf_counter()
+    try:
+        records = run_train(config, progress=not args.quiet)
+    except (CurvlabError, FileNotFoundError, CorruptDataError, ImportError) as err:
+        raise UsageError(str(err)) from None
+    config["elapsed_seconds"] = round(time.perf_counter() - start, 2)
+    try:
+        write_report(
+            out,
+            records,
+            config,
+            train_figures(records),
+            train_narrative(records, config),
+            formats=config["formats"],
+            force=args.force,
+        )
+    except (FileExistsError, NotADirectoryError) as err:
+        raise UsageError(str(err)) from None
+    print(
+        f"curvlab: wrote {out / 'report.html'} ({len(records)} records, "
+        f"{time.perf_counter() - start:.0f} s)"
+    )
+    return 0
