@@ -71,8 +71,8 @@ def ingd_step(
     c2, kappa2 = damping * c.squared_norm(), damping * k.squared_norm()
     eye_k = k.structure.identity(d_in, k.dtype, k.device)
     eye_c = c.structure.identity(d_out, c.dtype, c.device)
-    step_k = k.structure.project(h_c.trace() * h_k + c2 * ktk) - eye_k * d_out
-    step_c = c.structure.project(h_k.trace() * h_c + kappa2 * ctc) - eye_c * d_in
+    step_k = k.structure.project(h_c.diagonal().sum() * h_k + c2 * ktk) - eye_k * d_out
+    step_c = c.structure.project(h_k.diagonal().sum() * h_c + kappa2 * ctc) - eye_c * d_in
     m_k = m_k * alpha1 + step_k * (beta1 / (2 * d_out))
     m_c = m_c * alpha1 + step_c * (beta1 / (2 * d_in))
     return k @ (eye_k - m_k), c @ (eye_c - m_c), m_k, m_c
