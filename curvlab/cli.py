@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,11 +34,11 @@ from curvlab.cli_common import (
     POOL,
     Parser,
     UsageError,
-    check_out,
     device,
     load_model,
     names,
     optional,
+    run_and_report,
 )
 from curvlab.compare.figures import report_figures
 from curvlab.compare.methods import DEFAULT_METHODS, METHODS, check_methods
@@ -53,12 +51,10 @@ from curvlab.compare.run import (
     check_sections,
     compare,
 )
-from curvlab.data import DATASETS, CorruptDataError, load_dataset
-from curvlab.errors import CurvlabError
+from curvlab.data import DATASETS, load_dataset
 from curvlab.losses import FISHER_TYPES
 from curvlab.models import MODELS
 from curvlab.records import Record
-from curvlab.report import write_report
 from curvlab.train import TRAIN_METHODS
 from curvlab.train_cli import add_train_parser, resolve_train_config, run_train_command
 
@@ -414,29 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(args: argparse.Namespace, config: dict[str, Any]) -> int:
-    out = Path(args.out)
-    check_out(out, args.force)
-    start = time.perf_counter()
-    try:
-        records = run(config, progress=not args.quiet)
-    except (CurvlabError, FileNotFoundError, CorruptDataError, ImportError) as err:
-        raise UsageError(str(err)) from None
-    config["elapsed_seconds"] = round(time.perf_counter() - start, 2)
-    figures = report_figures(records, config["headline_damping"], config["reference"])
-    try:
-        write_report(
-            out,
-            records,
-            config,
-            figures,
-            narrative(records, config),
-            formats=config["formats"],
-            force=args.force,
-        )
-    except (FileExistsError, NotADirectoryError) as err:
-        raise UsageError(str(err)) from None
-    print(
-        f"curvlab: wrote {out / 'report.html'} ({len(records)} records, "
-        f"{time.perf_counter() - start:.0f} s)"
+    return run_and_report(
+        args,
+        config,
+        run,
+        lambda records: report_figures(records, config["headline_damping"], config["reference"]),
+        narrative,
     )
-    return 0

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
+from curvlab.data import CorruptDataError
+from curvlab.errors import CurvlabError
 from curvlab.models import build_model, load_user_model
-from curvlab.report.writer import REPORT_MARKERS
+from curvlab.records import Record
+from curvlab.report.writer import REPORT_MARKERS, write_report
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FORMATS = ("png", "pdf", "svg")
@@ -76,3 +81,44 @@ def load_model(
     else:
         model = build_model(spec, input_shape, num_classes, seed=config["seed"])
     return model.to(torch.device(config["device"]), DTYPES[config["dtype"]])
+
+
+def run_and_report(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    run: Callable[[dict[str, Any], bool], list[Record]],
+    figures: Callable[[Sequence[Record]], Mapping[str, Any]],
+    narrative: Callable[[Sequence[Record], dict[str, Any]], Mapping[str, str]],
+) -> int:
+    """Run a command's work and write its report into ``args.out``; the exit code.
+
+    ``run(config, progress)`` returns the records; ``figures(records)`` and
+    ``narrative(records, config)`` make the report's figures and text.  Errors a user
+    can fix (bad data, unsupported model, an existing report) become a
+    :class:`UsageError`.  ``config["elapsed_seconds"]`` records the run's duration.
+    """
+    out = Path(args.out)
+    check_out(out, args.force)
+    start = time.perf_counter()
+    try:
+        records = run(config, not args.quiet)
+    except (CurvlabError, FileNotFoundError, CorruptDataError, ImportError) as err:
+        raise UsageError(str(err)) from None
+    config["elapsed_seconds"] = round(time.perf_counter() - start, 2)
+    try:
+        write_report(
+            out,
+            records,
+            config,
+            figures(records),
+            narrative(records, config),
+            formats=config["formats"],
+            force=args.force,
+        )
+    except (FileExistsError, NotADirectoryError) as err:
+        raise UsageError(str(err)) from None
+    print(
+        f"curvlab: wrote {out / 'report.html'} ({len(records)} records, "
+        f"{time.perf_counter() - start:.0f} s)"
+    )
+    return 0

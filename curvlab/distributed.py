@@ -42,7 +42,7 @@ from curvlab.curvature.exact import ExactFisher
 from curvlab.curvature.factors import KFAC_APPROX, Eigen, LayerFactors
 from curvlab.curvature.gram import SCHEMES, choose_scheme, per_sample_gradients
 from curvlab.curvature.kfac import DAMPING_MODES, KFAC, KFACBlock
-from curvlab.numerics import SOLVE_DTYPE, compute_dtype
+from curvlab.numerics import SOLVE_DTYPE, check_choice, compute_dtype
 
 REDUCTIONS = ("mean", "sum")
 
@@ -231,8 +231,7 @@ def gram_block_row(
             would pick for the whole batch), ``"pairs"`` or ``"per_sample"``.
         layers: Indices of the layers to include (default: all).
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r} is unknown; choose one of {', '.join(SCHEMES)}.")
+    check_choice("scheme", scheme, SCHEMES)
     dtype = compute_dtype(local.dtype)
     c = local.num_columns
     out = torch.zeros(
@@ -344,8 +343,7 @@ def kfac_factors(
     normalised with the global counts: ``A = Σ ā āᵀ / (N T)`` (``/ N`` for
     ``"reduce"``), ``G = s Σ e eᵀ`` with the global scale ``s``.
     """
-    if approx not in KFAC_APPROX:
-        raise ValueError(f"kfac_approx={approx!r} is unknown; choose one of expand, reduce.")
+    check_choice("kfac_approx", approx, KFAC_APPROX)
     sizes = all_gather_sizes(capture.batch_size, capture.device, group)
     red = _reduction(capture, sizes, reduction, group)
     total = sum(sizes)
@@ -383,11 +381,7 @@ class DistributedKFAC(KFAC):
         kfac_approx: str = "expand",
         reduction: str | None = None,
     ):
-        if damping_mode not in DAMPING_MODES:
-            raise ValueError(
-                f"damping_mode={damping_mode!r} is unknown; choose one of "
-                f"{', '.join(DAMPING_MODES)}."
-            )
+        check_choice("damping_mode", damping_mode, DAMPING_MODES)
         factors = kfac_factors(capture, group, kfac_approx, reduction)
         dtype = compute_dtype(capture.dtype)
         self.damping_mode, self.kfac_approx = damping_mode, kfac_approx

@@ -8,6 +8,8 @@ compute dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -44,6 +46,12 @@ def check_vector(v: Tensor, size: int, what: str = "vector") -> None:
             "torch.cat([p.flatten() for p in params])."
         )
     check_finite(v, what)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``name``, ``value`` and the valid ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is unknown; choose one of {', '.join(choices)}.")
 
 
 def check_damping(damping: float, allow_zero: bool = True) -> float:

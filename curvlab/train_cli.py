@@ -9,9 +9,7 @@ has the training and test curves, the per-step wall-clock time and the diagnosti
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -24,19 +22,17 @@ from curvlab.cli_common import (
     FORMATS,
     POOL,
     UsageError,
-    check_out,
     device,
     load_model,
     names,
     optional,
+    run_and_report,
 )
 from curvlab.compare.methods import check_methods
-from curvlab.data import DATASETS, CorruptDataError, load_dataset
-from curvlab.errors import CurvlabError
+from curvlab.data import DATASETS, load_dataset
 from curvlab.models import MODELS
 from curvlab.plots import plot_training
 from curvlab.records import Record, to_dataframe
-from curvlab.report import write_report
 from curvlab.train import TRAIN_METHODS, Diagnostics, Problem, final_loss, stepper, train
 
 DEFAULT_TRAIN_METHODS = ("sgd", "exact", "kfac", "foof")
@@ -323,28 +319,4 @@ def train_narrative(records: Sequence[Record], config: dict[str, Any]) -> dict[s
 
 def run_train_command(args: argparse.Namespace, config: dict[str, Any]) -> int:
     """Run ``curvlab train`` and write its report; returns the exit code."""
-    out = Path(args.out)
-    check_out(out, args.force)
-    start = time.perf_counter()
-    try:
-        records = run_train(config, progress=not args.quiet)
-    except (CurvlabError, FileNotFoundError, CorruptDataError, ImportError) as err:
-        raise UsageError(str(err)) from None
-    config["elapsed_seconds"] = round(time.perf_counter() - start, 2)
-    try:
-        write_report(
-            out,
-            records,
-            config,
-            train_figures(records),
-            train_narrative(records, config),
-            formats=config["formats"],
-            force=args.force,
-        )
-    except (FileExistsError, NotADirectoryError) as err:
-        raise UsageError(str(err)) from None
-    print(
-        f"curvlab: wrote {out / 'report.html'} ({len(records)} records, "
-        f"{time.perf_counter() - start:.0f} s)"
-    )
-    return 0
+    return run_and_report(args, config, run_train, train_figures, train_narrative)

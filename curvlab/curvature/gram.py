@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from curvlab.config import options
+from curvlab.numerics import check_choice
 
 SCHEMES = ("auto", "pairs", "per_sample")
 
@@ -58,8 +59,7 @@ def layer_gram(a: Tensor, e: Tensor, scheme: str = "auto") -> Tensor:
     Returns:
         ``K_l`` of shape ``(N C', N C')`` in the dtype of ``a``, rows ordered ``(n, c)``.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r} is unknown; choose one of {', '.join(SCHEMES)}.")
+    check_choice("scheme", scheme, SCHEMES)
     c, n, t, d_out = e.shape
     if scheme == "auto":
         scheme = choose_scheme(n, c, t, a.shape[-1], d_out)

@@ -22,7 +22,7 @@ from curvlab.capture import Capture
 from curvlab.curvature.base import LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
 from curvlab.curvature.factors import KFAC_APPROX, LayerFactors
-from curvlab.numerics import compute_dtype
+from curvlab.numerics import check_choice, compute_dtype
 
 DAMPING_MODES = ("heuristic", "standard")
 
@@ -76,15 +76,8 @@ class KFAC(LayerwiseCurvature):
     def __init__(
         self, capture: Capture, damping_mode: str = "heuristic", kfac_approx: str = "expand"
     ):
-        if damping_mode not in DAMPING_MODES:
-            raise ValueError(
-                f"damping_mode={damping_mode!r} is unknown; choose one of "
-                f"{', '.join(DAMPING_MODES)}."
-            )
-        if kfac_approx not in KFAC_APPROX:
-            raise ValueError(
-                f"kfac_approx={kfac_approx!r} is unknown; choose one of {', '.join(KFAC_APPROX)}."
-            )
+        check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
         self.damping_mode, self.kfac_approx = damping_mode, kfac_approx
         dtype = compute_dtype(capture.dtype)
         super().__init__(

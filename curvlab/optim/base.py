@@ -43,7 +43,7 @@ from curvlab.capture import Capture, capture
 from curvlab.errors import ShapeError
 from curvlab.layers import LayerInfo, find_layers
 from curvlab.losses import FISHER_TYPES, check_loss
-from curvlab.numerics import SOLVE_DTYPE, check_damping
+from curvlab.numerics import SOLVE_DTYPE, check_choice, check_damping
 
 GLOBAL = "global"  # key of the optimizer-wide entry of ``self.state``
 
@@ -75,10 +75,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         generator: torch.Generator | None = None,
     ):
         check_loss(loss_fn)
-        if fisher not in FISHER_TYPES:
-            raise ValueError(
-                f"fisher={fisher!r} is unknown; choose one of {', '.join(FISHER_TYPES)}."
-            )
+        check_choice("fisher", fisher, FISHER_TYPES)
         _check_hyperparameters(defaults)
         self.model, self.loss_fn = model, loss_fn
         self.fisher, self.mc_samples, self.generator = fisher, mc_samples, generator

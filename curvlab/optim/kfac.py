@@ -22,6 +22,7 @@ from curvlab.capture import Capture
 from curvlab.curvature.factors import KFAC_APPROX, LayerFactors, grad_factor, input_factor
 from curvlab.curvature.kfac import DAMPING_MODES, KFACBlock
 from curvlab.layers import LayerInfo
+from curvlab.numerics import check_choice
 from curvlab.optim.kronecker import KroneckerOptimizer, StatKey, layer_stub
 
 
@@ -64,15 +65,8 @@ class KFAC(KroneckerOptimizer):
         kl_clip: float | None = None,
         generator: torch.Generator | None = None,
     ):
-        if damping_mode not in DAMPING_MODES:
-            raise ValueError(
-                f"damping_mode={damping_mode!r} is unknown; choose one of "
-                f"{', '.join(DAMPING_MODES)}."
-            )
-        if kfac_approx not in KFAC_APPROX:
-            raise ValueError(
-                f"kfac_approx={kfac_approx!r} is unknown; choose one of {', '.join(KFAC_APPROX)}."
-            )
+        check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
         self.damping_mode, self.kfac_approx = damping_mode, kfac_approx
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from curvlab.capture import Capture
 from curvlab.curvature.exact import BlockDiagFisher, ExactFisher
+from curvlab.numerics import check_choice
 from curvlab.optim.base import CurvatureOptimizer
 
 STRUCTURES = ("full", "block_diagonal")
@@ -62,10 +63,7 @@ class NaturalGradient(CurvatureOptimizer):
         generator: torch.Generator | None = None,
         memory_budget: int | None = None,
     ):
-        if structure not in STRUCTURES:
-            raise ValueError(
-                f"structure={structure!r} is unknown; choose one of {', '.join(STRUCTURES)}."
-            )
+        check_choice("structure", structure, STRUCTURES)
         self.structure, self.memory_budget = structure, memory_budget
         defaults = dict(
             lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from curvlab.capture import Capture
 from curvlab.curvature.factors import grad_factor, input_factor
 from curvlab.layers import LayerInfo
+from curvlab.numerics import check_choice
 from curvlab.optim.base import GLOBAL, CurvatureOptimizer
 from curvlab.optim.structures import Structure, StructuredMatrix, as_structure
 
@@ -128,10 +129,7 @@ class SINGD(CurvatureOptimizer):
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
     ):
-        if update_rule not in UPDATE_RULES:
-            raise ValueError(
-                f"update_rule={update_rule!r} is unknown; choose one of {', '.join(UPDATE_RULES)}."
-            )
+        check_choice("update_rule", update_rule, UPDATE_RULES)
         if int(update_every) != update_every or update_every < 1:
             raise ValueError(f"update_every must be an integer ≥ 1, got {update_every!r}.")
         if not preconditioner_lr > 0 or not 0 <= riemannian_momentum < 1:
