@@ -7,6 +7,7 @@ model again.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,16 @@ class LayerCapture:
             the layer has a trainable bias.
         e: Output-gradient columns ``(C', N, T, d_out)``: the Fisher columns
             backpropagated to the layer output.
+        g: The mini-batch gradient's output rows ``(N, T, d_out)`` (``∂L/∂f``
+            backpropagated to the layer output), so that the layer gradient is
+            ``Σ_nt g_nt ā_ntᵀ``; ``None`` where a capture was assembled without them.
+            :meth:`~curvlab.ExactFisher.natural_gradient` works from these rows.
     """
 
     info: LayerInfo
     a: Tensor
     e: Tensor
+    g: Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -48,7 +54,8 @@ class Capture:
 
     Attributes:
         layers: One :class:`LayerCapture` per supported layer, in flat-layout order.
-        grad: Mini-batch gradient ``∇L`` as a flat vector ``(P,)`` (DESIGN.md layout).
+        grad: Mini-batch gradient ``∇L`` as a flat vector ``(P,)`` (DESIGN.md layout);
+            ``None`` for ``capture(..., gradient=False)``.
         columns: The Fisher columns ``g_nc`` in output space, ``(C', N, C)``.
         scale: ``s`` with ``F = s · Σ_nc J_nᵀ g_nc g_ncᵀ J_n`` (1/N for mean, 1 for sum).
         loss: The mini-batch loss value.
@@ -58,7 +65,7 @@ class Capture:
     """
 
     layers: list[LayerCapture]
-    grad: Tensor
+    grad: Tensor | None
     columns: Tensor
     scale: float
     loss: float
@@ -84,12 +91,12 @@ class Capture:
     @property
     def device(self) -> torch.device:
         """Device of every captured tensor (the model's)."""
-        return self.grad.device
+        return self.output.device
 
     @property
     def dtype(self) -> torch.dtype:
         """The model's dtype."""
-        return self.grad.dtype
+        return self.output.dtype
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -118,6 +125,7 @@ def capture(
     fisher: str = "mc",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    gradient: bool = True,
 ) -> Capture:
     """Run one forward and one batched backward and record what curvature needs.
 
@@ -134,6 +142,10 @@ def capture(
             ``"empirical"`` (data labels).
         mc_samples: Sampled labels per input for ``"mc"`` (``C' = mc_samples``).
         generator: Random generator for ``"mc"``, for reproducible samples.
+        gradient: Form the flat mini-batch gradient ``Capture.grad``.  With ``False``
+            it is ``None`` (one ``P``-sized contraction per layer saved); the
+            gradient's output rows are kept either way, which is all
+            :meth:`~curvlab.ExactFisher.natural_gradient` needs.
 
     Returns:
         The :class:`Capture`; all of its tensors live on the model's device.
@@ -179,9 +191,13 @@ def capture(
     (grad_output,) = torch.autograd.grad(loss, output, retain_graph=True)
     f = output.detach()
     cols = fisher_columns(loss_fn, f, grad_output.detach(), fisher, mc_samples, generator)
-    scale, _ = loss_scales(loss_fn, f)
+    scale, c = loss_scales(loss_fn, f)
     # One batched backward: the gradient column first, then the C' Fisher columns.
-    grad_outputs = torch.cat([grad_output.unsqueeze(0), cols.to(f.dtype)])
+    # The empirical column is the gradient column over s·√c: backpropagate it once.
+    empirical = fisher == "empirical"
+    grad_outputs = grad_output.unsqueeze(0)
+    if not empirical:
+        grad_outputs = torch.cat([grad_outputs, cols.to(f.dtype)])
     outs = [saved[info.name][1] for info in layers]
     layer_grads = torch.autograd.grad(
         output, outs, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True
@@ -196,11 +212,13 @@ def capture(
         rows = info.output_rows(g.detach())
         check_finite(rows, f"output gradients of layer '{info.name}'")
         a = info.unfold(x)
-        records.append(LayerCapture(info, a, rows[1:]))
-        grads.append(info.to_flat(torch.einsum("nto,ntk->ok", rows[0], a)).reshape(-1))
+        e = rows[:1] / (scale * math.sqrt(c)) if empirical else rows[1:]
+        records.append(LayerCapture(info, a, e, rows[0]))
+        if gradient:
+            grads.append(info.to_flat(torch.einsum("nto,ntk->ok", rows[0], a)).reshape(-1))
     return Capture(
         layers=records,
-        grad=torch.cat(grads),
+        grad=torch.cat(grads) if gradient else None,
         columns=cols,
         scale=scale,
         loss=float(loss.detach()),

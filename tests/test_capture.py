@@ -171,3 +171,21 @@ def test_model_in_eval_mode_dropout_free():
     capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
     err = R.rel_err(capt.grad, R.batch_gradient(model, loss_fn, X, y))
     assert err <= RTOL
+
+
+def test_gradient_rows(problem):
+    """`g` equals the autograd output gradients of ∂L/∂f, and Σ_nt g_nt ā_ntᵀ is the
+    mini-batch gradient; `gradient=False` leaves `grad` out and changes nothing else."""
+    f = problem.output().requires_grad_()
+    (grad_output,) = torch.autograd.grad(problem.loss_fn(f, problem.y), f)
+    refs = R.layer_records(problem.model, problem.X, grad_output.unsqueeze(0))
+    capt = problem.capture("exact")
+    lean = problem.capture("exact", gradient=False)
+    assert lean.grad is None
+    assert lean.device == capt.device and lean.dtype == capt.dtype
+    for lc, ln, r in zip(capt.layers, lean.layers, refs):
+        assert lc.g.shape == r.e[0].shape, lc.name
+        assert R.rel_err(lc.g, r.e[0]) <= RTOL, lc.name
+        assert torch.equal(ln.g, lc.g) and torch.equal(ln.e, lc.e), lc.name
+    grad = capt.join({lc.name: torch.einsum("nto,ntk->ok", lc.g, lc.a) for lc in capt.layers})
+    assert R.rel_err(grad, problem.grad()) <= RTOL

@@ -147,3 +147,73 @@ def test_gram_schemes_agree(problem, scheme):
     except TypeError:
         pytest.skip("ExactFisher has no `scheme` argument")
     R.assert_close_all(R.interface_errors(obj, problem.ggn(), DAMPINGS), RTOL, scheme)
+
+
+def _natural_gradient_ref(F: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
+    return torch.linalg.solve(F + damping * torch.eye(F.shape[0], dtype=F.dtype), g)
+
+
+def test_natural_gradient(problem, fisher):
+    """natural_gradient(λ) = (F + λI)⁻¹ g from a capture without the flat gradient."""
+    capt = problem.capture(fisher, generator=mc_generator(11), gradient=False)
+    ref = problem.ref(fisher, capt)
+    obj = curvlab.ExactFisher(capt)
+    for lam in DAMPINGS:
+        ng = obj.natural_gradient(lam)
+        err = R.rel_err(ng, _natural_gradient_ref(ref.F, problem.grad(), lam))
+        assert err <= RTOL, f"{problem} {fisher} λ={lam}"
+
+
+def _uses_gram_branch(n: int, c: int, lc) -> bool:
+    """The branch condition of GramFisher.natural_gradient for ``Uᵀg``."""
+    t, d_in, d_out = lc.a.shape[1], lc.a.shape[2], lc.e.shape[-1]
+    return (n * t) ** 2 * (d_in + c * d_out) < 2 * n * t * d_in * d_out
+
+
+@pytest.mark.parametrize(
+    ("name", "n"),
+    [("wide_mlp", 2), ("wide_mlp", 40), ("wide_conv", 2), ("wide_conv", 40)],
+)
+def test_natural_gradient_both_branches(name, n):
+    """Both ways of forming ``Uᵀg`` (sample-pair Gram for small N, the layer gradient
+    otherwise) agree with the dense reference, for Linear and conv layers."""
+    torch.manual_seed(7)
+    if name == "wide_mlp":
+        model = nn.Sequential(nn.Linear(24, 30), nn.Tanh(), nn.Linear(30, 3)).double()
+        X = torch.randn(n, 24, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
+        model = model.double()
+        X = torch.randn(n, 8, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,))
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, X, y, fisher="exact", gradient=False)
+    branches = {_uses_gram_branch(n, capt.num_columns, lc) for lc in capt.layers}
+    assert branches == ({True} if n == 2 else {False})
+    F = R.dense_ggn(model, loss_fn, X, y)
+    g = R.batch_gradient(model, loss_fn, X, y)
+    ng = curvlab.ExactFisher(capt).natural_gradient(1e-2)
+    assert R.rel_err(ng, _natural_gradient_ref(F, g, 1e-2)) <= RTOL
+
+
+def test_natural_gradient_blocks_and_fallback():
+    """Per-layer blocks give their block's direction; a capture without gradient rows
+    falls back to solve(capture.grad, λ); λ = 0 is refused."""
+    from dataclasses import replace
+
+    from curvlab.errors import SingularMatrixError
+
+    p = get_problem("mlp_mixed_bias", "mse-mean")
+    capt = p.capture("exact")
+    ref = p.ref("exact", capt)
+    g = p.grad()
+    for r, blk in zip(ref.records, curvlab.ExactFisher(capt).blocks.values()):
+        expect = _natural_gradient_ref(ref.F[r.slice, r.slice], g[r.slice], 0.1)
+        assert R.rel_err(blk.natural_gradient(0.1), expect) <= RTOL, r.name
+    bare = replace(capt, layers=[replace(lc, g=None) for lc in capt.layers])
+    ng = curvlab.ExactFisher(bare).natural_gradient(0.1)
+    assert R.rel_err(ng, _natural_gradient_ref(ref.F, g, 0.1)) <= RTOL
+    with pytest.raises(SingularMatrixError):
+        curvlab.ExactFisher(capt).natural_gradient(0.0)
+    with pytest.raises(ValueError, match="neither"):
+        curvlab.ExactFisher(replace(bare, grad=None)).natural_gradient(0.1)

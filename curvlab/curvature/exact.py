@@ -22,7 +22,7 @@ from curvlab.config import format_bytes, options
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.gram import layer_gram, per_sample_gradients
 from curvlab.errors import MemoryBudgetError, SingularMatrixError
-from curvlab.numerics import SOLVE_DTYPE, compute_dtype, require_positive
+from curvlab.numerics import SOLVE_DTYPE, check_damping, compute_dtype, require_positive
 
 
 class GramFisher(Curvature):
@@ -120,17 +120,78 @@ class GramFisher(Curvature):
     def _solve(self, v: Tensor, damping: float) -> Tensor:
         if damping == 0:
             return self._solve_undamped(v)
+        coef = torch.cholesky_solve(self._ut(v).unsqueeze(1), self._cholesky(damping))
+        # (v − U c) / λ in the buffer of U c: no further P-sized temporaries
+        out = self._u(coef.squeeze(1))
+        torch.sub(v, out, out=out)
+        return out.div_(damping)
+
+    def _cholesky(self, damping: float) -> Tensor:
+        """Lower Cholesky factor of ``λ/s·I + K`` (float64), cached per damping.
+
+        ``K`` is symmetric, so a copy of it, damped on the diagonal, is factorised in
+        place through its column-major view ``.mT`` (LAPACK's layout): no dense
+        identity and no internal copy, so the factor is the only ``(N C')²`` buffer
+        besides ``K``.  A previous factor is released before the new one is made.
+        """
         if self._factor is None or self._factor[0] != damping:
-            eye = torch.eye(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
-            chol, info = torch.linalg.cholesky_ex(self.gram + (damping / self.scale) * eye)
+            self._factor = None
+            damped = self.gram.clone()
+            damped.diagonal().add_(damping / self.scale)
+            chol = damped.mT
+            info = torch.empty((), dtype=torch.int32, device=self.device)
+            torch.linalg.cholesky_ex(chol, out=(chol, info))
             if info.item() != 0:
                 raise SingularMatrixError(
                     f"λ/s·I + UᵀU is not numerically positive definite at damping={damping}; "
                     "increase the damping."
                 )
             self._factor = (damping, chol)
-        coef = torch.cholesky_solve(self._ut(v).unsqueeze(1), self._factor[1]).squeeze(1)
-        return (v - self._u(coef)) / damping
+        return self._factor[1]
+
+    def natural_gradient(self, damping: float) -> Tensor:
+        """``(F + λI)⁻¹ g`` for the captured mini-batch gradient ``g`` (``λ > 0``).
+
+        Equals ``solve(capture.grad, damping)`` but works from the gradient's output
+        rows ``g_nt`` (``LayerCapture.g``), so it also serves
+        ``capture(..., gradient=False)`` and needs one ``P``-sized contraction per
+        layer instead of three (forming ``g``, ``Uᵀg`` and ``U c``):
+
+        * ``(Uᵀg)_nc = Σ_m Σ_{t,t'} (ā_nt·ā_mt')(e_nct·g_mt')`` when that is cheaper
+          than ``Σ_t e_nct · (W_g ā_nt)`` with the layer gradient ``W_g`` (the chosen
+          branch's temporaries are at most twice the size of ``a`` and ``g``);
+        * the result per layer as ``Σ_nt (g_nt − Σ_c c_nc e_nct) ā_ntᵀ / λ``.
+
+        Falls back to :meth:`solve` with ``capture.grad`` for captures without
+        gradient rows.
+        """
+        lam = check_damping(damping, allow_zero=False)
+        if any(lc.g is None for lc in self._layers):
+            if self._capture.grad is None:
+                raise ValueError("the capture holds neither gradient rows nor a gradient.")
+            grad = torch.cat([self._capture.grad[lc.info.slice] for lc in self._layers])
+            return self.solve(grad, lam)
+        n, c = self._capture.batch_size, self._capture.num_columns
+        utg = torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
+        for lc in self._layers:
+            a, e, g = lc.a.to(self.dtype), lc.e.to(self.dtype), lc.g.to(self.dtype)
+            t, d_in, d_out = a.shape[1], a.shape[2], e.shape[-1]
+            if (n * t) ** 2 * (d_in + c * d_out) < 2 * n * t * d_in * d_out:
+                aa = torch.einsum("ntk,msk->ntms", a, a)
+                eg = torch.einsum("cnto,mso->nctms", e, g)
+                part = torch.einsum("nctms,ntms->nc", eg, aa)
+            else:
+                w_g = torch.einsum("nto,ntk->ok", g, a)
+                part = torch.einsum("cnto,nto->nc", e, a @ w_g.T)
+            utg += part.reshape(-1).double()
+        coef = torch.cholesky_solve(utg.unsqueeze(1), self._cholesky(lam)).squeeze(1)
+        cc = coef.to(self.dtype).view(n, c)
+        parts = []
+        for lc in self._layers:
+            rows = lc.g.to(self.dtype) - torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype))
+            mat = torch.einsum("nto,ntk->ok", rows, lc.a.to(self.dtype)).div_(lam)
+            parts.append(lc.info.to_flat(mat).reshape(-1))
+        return torch.cat(parts)
 
     def _solve_undamped(self, v: Tensor) -> Tensor:
         if self.num_params > self.num_columns:
@@ -171,7 +232,9 @@ class ExactFisher(GramFisher):
     """The full-network subsampled Fisher/GGN ``F = s U Uᵀ`` (type from the capture).
 
     ``solve(v, λ) = (F + λI)⁻¹ v`` through Woodbury (Cholesky of ``λ/s I + K`` in
-    float64, cached per λ).  ``blocks`` are the diagonal per-layer blocks.
+    float64, cached per λ); ``natural_gradient(λ)`` is the same for the captured
+    gradient, computed from its output rows.  ``blocks`` are the diagonal per-layer
+    blocks.
     """
 
     def __init__(self, capture: Capture, memory_budget: int | None = None, scheme: str = "auto"):
