@@ -35,12 +35,16 @@ class LayerCapture:
             backpropagated to the layer output), so that the layer gradient is
             ``Σ_nt g_nt ā_ntᵀ``; ``None`` where a capture was assembled without them.
             :meth:`~curvlab.ExactFisher.natural_gradient` works from these rows.
+        locations: Shape of the output locations, whose product is ``T``: ``(H_out,
+            W_out)`` for Conv2d, ``(L_out,)`` for Conv1d, the extra leading dimensions
+            for Linear (``()`` for 2-D inputs).
     """
 
     info: LayerInfo
     a: Tensor
     e: Tensor
     g: Tensor | None = None
+    locations: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -213,7 +217,8 @@ def capture(
         check_finite(rows, f"output gradients of layer '{info.name}'")
         a = info.unfold(x)
         e = rows[:1] / (scale * math.sqrt(c)) if empirical else rows[1:]
-        records.append(LayerCapture(info, a, e, rows[0]))
+        locations = tuple(out.shape[1:-1] if info.kind == "linear" else out.shape[2:])
+        records.append(LayerCapture(info, a, e, rows[0], locations))
         if gradient:
             grads.append(info.to_flat(torch.einsum("nto,ntk->ok", rows[0], a)).reshape(-1))
     return Capture(

@@ -156,6 +156,7 @@ def gather_capture(capture: Capture, group=None, reduction: str | None = None) -
             lc.info,
             all_gather_dim(lc.a, sizes, 0, group),
             all_gather_dim(lc.e, sizes, 1, group),
+            locations=lc.locations,
         )
         for lc in capture.layers
     ]

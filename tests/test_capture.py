@@ -5,6 +5,8 @@ Tolerance: relative error ≤ RTOL = 1e-8 in float64 (conftest.RTOL).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import reference as R
 import torch
@@ -189,3 +191,18 @@ def test_gradient_rows(problem):
         assert torch.equal(ln.g, lc.g) and torch.equal(ln.e, lc.e), lc.name
     grad = capt.join({lc.name: torch.einsum("nto,ntk->ok", lc.g, lc.a) for lc in capt.layers})
     assert R.rel_err(grad, problem.grad()) <= RTOL
+
+
+def test_output_locations_are_recorded():
+    """``locations`` is the output's location shape (its product is ``T``)."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 3, 3, stride=2),
+        torch.nn.Flatten(start_dim=2),
+        torch.nn.Linear(4, 4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(12, 2),
+    ).double()
+    X, y = torch.randn(5, 2, 9, dtype=torch.float64), torch.randint(0, 2, (5,))
+    capt = curvlab.capture(model, torch.nn.CrossEntropyLoss(), X, y, fisher="exact")
+    assert [lc.locations for lc in capt.layers] == [(4,), (3,), ()]
+    assert all(lc.a.shape[1] == math.prod(lc.locations) for lc in capt.layers)

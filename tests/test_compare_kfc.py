@@ -19,13 +19,29 @@ from conftest import RTOL, get_problem
 from curvlab.compare import Analysis, kfc_check_records, kfc_errors, kfc_matrices
 from curvlab.compare.errors import relative_errors
 from curvlab.compare.kfc_checks import (
-    conv_output_shapes,
     kept_sizes,
     offset_index,
     spatial_correlation,
 )
 
 CONV_CASES = [("conv2d_stride", "ce-mean", (3, 3)), ("conv1d", "mse-sum", (8,))]
+
+
+def conv_output_shapes(model, inputs, names) -> dict[str, tuple]:
+    """Spatial output shape of each named conv module, read by a forward hook."""
+    modules = dict(model.named_modules())
+    shapes = {}
+    handles = [
+        modules[name].register_forward_hook(
+            lambda m, args, out, name=name: shapes.__setitem__(name, tuple(out.shape[2:]))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(inputs)
+    for h in handles:
+        h.remove()
+    return shapes
 
 
 def _coords(shape):
@@ -87,6 +103,12 @@ def test_kfc_error_records(model_name, loss_name, shape):
         if rec.name not in conv_names:
             continue
         shapes = conv_output_shapes(problem.model, problem.X, [rec.name])
+        assert (
+            analysis.capture.layers[
+                [lc.name for lc in analysis.capture.layers].index(rec.name)
+            ].locations
+            == shapes[rec.name]
+        )
         mats = brute_force(rec.a, rec.e, ref.scale, shapes[rec.name])
         for metric in ("iad", "iad_sh", "kfc"):
             got = next(r for r in records if r.layer == rec.name and r.metric == metric)

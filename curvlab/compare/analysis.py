@@ -4,8 +4,8 @@
 :class:`~curvlab.capture.Capture` and, on demand, each method's curvature object
 and update directions ``d(λ)``.  Every metric module reads from it, so a
 comparison captures (forward and batched backward) exactly once; beyond that only
-the progress section evaluates the loss at shifted parameters and the KFC checks
-read conv output shapes from one forward, both without autograd and on cloned buffers.
+the progress section evaluates the loss at shifted parameters (forward passes without
+autograd, on cloned buffers).
 
 Per-layer exact blocks come from one cached :class:`~curvlab.BlockDiagFisher`, so
 each layer's Gram matrix is assembled once however many metrics use it.

@@ -39,8 +39,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 from curvlab.compare.analysis import Analysis
 from curvlab.config import options
@@ -52,30 +51,6 @@ MAX_LOCATIONS = 1024
 """Conv layers with more output locations are skipped (the location-pair maps are ``|T|²``)."""
 
 CONV_KINDS = ("conv1d", "conv2d")
-
-
-def conv_output_shapes(model: nn.Module, inputs: Tensor, names: Sequence[str]) -> dict[str, tuple]:
-    """Spatial output shape of each named conv module, from one forward of ``inputs``.
-
-    The forward runs on cloned buffers (:func:`torch.func.functional_call`), so
-    running statistics of the model stay as they are.
-    """
-    modules = dict(model.named_modules())
-    shapes: dict[str, tuple] = {}
-    handles = [
-        modules[name].register_forward_hook(
-            lambda m, args, out, name=name: shapes.__setitem__(name, tuple(out.shape[2:]))
-        )
-        for name in names
-    ]
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    try:
-        with torch.no_grad():
-            functional_call(model, buffers, (inputs,))
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
 
 
 def offset_index(shape: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,8 +177,8 @@ def kfc_check_records(
 
     Args:
         analysis: The captured problem.
-        spatial_shapes: Output spatial shape per conv layer (default: from one
-            forward of the batch, :func:`conv_output_shapes`).
+        spatial_shapes: Output spatial shape per conv layer (default: the capture's
+            :attr:`~curvlab.capture.LayerCapture.locations`).
         max_params: Largest block (entries of ``[W | b]``) checked densely.
         max_flops: Bound on ``|T|² (o d)²``, the cost of the IAD sum.
     """
@@ -212,9 +187,7 @@ def kfc_check_records(
     if not convs:
         return []
     if spatial_shapes is None:
-        spatial_shapes = conv_output_shapes(
-            analysis.model, analysis.inputs, [lc.name for lc in convs]
-        )
+        spatial_shapes = {lc.name: lc.locations for lc in convs}
     records = []
     for lc in convs:
         shape = spatial_shapes[lc.name]
