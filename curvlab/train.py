@@ -39,8 +39,13 @@ from curvlab.compare.cosine import cosine_records
 from curvlab.compare.methods import check_methods
 from curvlab.compare.progress import progress_records
 from curvlab.compare.run import DEFAULT_LRS
+from curvlab.errors import NonFiniteError, SingularMatrixError
 from curvlab.optim import FOOF, KFAC, SINGD, NaturalGradient, TwoLevelKFAC
 from curvlab.records import NETWORK, Record
+
+DIVERGENCE_ERRORS = (NonFiniteError, SingularMatrixError, torch.linalg.LinAlgError)
+"""Errors a diverging run raises inside a step (non-finite outputs or statistics, a
+curvature matrix that cannot be factorised); :func:`train` records them as divergence."""
 
 Step = Callable[[Tensor, Tensor], float]
 StepperFactory = Callable[[nn.Module], Step]
@@ -237,8 +242,10 @@ def train(
 
     Returns:
         Records of sections ``"train"`` and ``"trajectory"`` (module docstring).  A
-        method whose loss becomes non-finite stops early (its last ``train_loss`` record
-        has ``extra={"diverged": True}``) instead of aborting the others.
+        method whose loss becomes non-finite, or whose step raises one of
+        :data:`DIVERGENCE_ERRORS`, stops early (its last ``train_loss`` record has
+        ``extra={"diverged": True}``, and ``"error"`` with the message when one was
+        raised) instead of aborting the others.
     """
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -295,7 +302,20 @@ def _run_method(
         if diagnostics is not None and name == diagnostics.follow and k % diagnostics.every == 0:
             records += diagnostics.records(model, problem.loss_fn, x, y, k)
         start = time.perf_counter()
-        loss = float(step(x, y))
+        try:
+            loss = float(step(x, y))
+        except DIVERGENCE_ERRORS as err:
+            records.append(
+                Record(
+                    "train",
+                    "train_loss",
+                    name,
+                    math.nan,
+                    index=k,
+                    extra={"diverged": True, "error": f"{type(err).__name__}: {err}"},
+                )
+            )
+            break
         elapsed = time.perf_counter() - start
         bar.update(1)
         if not math.isfinite(loss):

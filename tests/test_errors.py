@@ -224,3 +224,12 @@ def test_memory_budget_to_dense(monkeypatch):
             continue  # Gram-based objects refuse at construction under this budget
         with pytest.raises(errors.MemoryBudgetError):
             obj.to_dense()
+
+
+def test_non_finite_kronecker_factor_is_named():
+    from curvlab.curvature.factors import Eigen
+
+    m = torch.eye(3, dtype=torch.float64)
+    m[0, 1] = float("nan")
+    with pytest.raises(errors.NonFiniteError, match="input factor A of layer '2'"):
+        Eigen.of(m, "the input factor A of layer '2'")

@@ -179,3 +179,21 @@ def test_grid_search_scores_divergence_as_inf(monkeypatch):
     )
     assert best == {"lr": 0.1}
     assert [r.value for r in records][1] == math.inf
+
+
+def test_a_step_that_raises_on_divergence_stops_only_its_method():
+    """Optimizers raise (non-finite statistics, failed factorisations) when a run
+    diverges; train records that method as diverged and runs the others."""
+    prob = make_problem()
+
+    def make_failing(model):
+        def step(inputs, targets):
+            raise curvlab.errors.SingularMatrixError("F_c + λI is not positive definite")
+
+        return step
+
+    methods = {"fails": make_failing, "sgd": stepper("sgd", prob.loss_fn, lr=0.1)}
+    records = train(prob, methods, steps=3, batch_size=16, progress=False)
+    (failed,) = [r for r in records if r.method == "fails" and r.metric == "train_loss"]
+    assert failed.extra["diverged"] and "SingularMatrixError" in failed.extra["error"]
+    assert len([r for r in records if r.method == "sgd" and r.metric == "train_loss"]) == 3

@@ -22,7 +22,13 @@ from curvlab.config import format_bytes, options
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.gram import layer_gram, per_sample_gradients
 from curvlab.errors import MemoryBudgetError, SingularMatrixError
-from curvlab.numerics import SOLVE_DTYPE, check_damping, compute_dtype, require_positive
+from curvlab.numerics import (
+    SOLVE_DTYPE,
+    check_damping,
+    check_finite,
+    compute_dtype,
+    require_positive,
+)
 
 
 class GramFisher(Curvature):
@@ -136,6 +142,7 @@ class GramFisher(Curvature):
         """
         if self._factor is None or self._factor[0] != damping:
             self._factor = None
+            check_finite(self.gram, "the Gram matrix UᵀU", "The captured gradients overflow.")
             damped = self.gram.clone()
             damped.diagonal().add_(damping / self.scale)
             chol = damped.mT

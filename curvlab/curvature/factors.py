@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from curvlab.capture import LayerCapture
-from curvlab.numerics import SOLVE_DTYPE, compute_dtype
+from curvlab.errors import SingularMatrixError
+from curvlab.numerics import SOLVE_DTYPE, check_finite, compute_dtype
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -52,8 +53,24 @@ class Eigen:
     vectors: Tensor
 
     @classmethod
-    def of(cls, m: Tensor) -> Eigen:
-        values, vectors = torch.linalg.eigh(m.to(SOLVE_DTYPE))
+    def of(cls, m: Tensor, what: str = "a Kronecker factor") -> Eigen:
+        """Eigendecomposition of the symmetric ``m`` (negative rounding clamped to 0).
+
+        Raises:
+            NonFiniteError: ``m`` has NaN/Inf entries (typically a diverged run).
+            SingularMatrixError: LAPACK's ``eigh`` did not converge.
+        """
+        m = m.to(SOLVE_DTYPE)
+        check_finite(
+            m, what, "Its statistics are not finite; lower the learning rate or raise the damping."
+        )
+        try:
+            values, vectors = torch.linalg.eigh(m)
+        except torch.linalg.LinAlgError as err:
+            raise SingularMatrixError(
+                f"the eigendecomposition of {what} ({m.shape[0]} x {m.shape[0]}) did not "
+                f"converge ({err}); its entries span too many orders of magnitude."
+            ) from err
         return cls(values.clamp_min(0.0), vectors)
 
 
@@ -72,11 +89,11 @@ class LayerFactors:
 
     @cached_property
     def eig_A(self) -> Eigen:
-        return Eigen.of(self.A)
+        return Eigen.of(self.A, f"the input factor A of layer '{self.layer.name}'")
 
     @cached_property
     def eig_G(self) -> Eigen:
-        return Eigen.of(self.G)
+        return Eigen.of(self.G, f"the gradient factor G of layer '{self.layer.name}'")
 
     @property
     def pi(self) -> float:
