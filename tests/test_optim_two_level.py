@@ -106,9 +106,10 @@ def kfac_inverse_dense(records, scale, damping, mode) -> torch.Tensor:
     return torch.block_diag(*blocks)
 
 
+@pytest.mark.parametrize("coarse_damping", ["paper", "consistent"])
 @pytest.mark.parametrize("loss_name", ["ce-mean", "mse-sum"])
 @pytest.mark.parametrize("damping_mode", ["heuristic", "standard"])
-def test_step_equals_dense_formula(damping_mode, loss_name):
+def test_step_equals_dense_formula(damping_mode, loss_name, coarse_damping):
     prob = build_problem("mlp_mixed_bias", loss_name)
     lr, lam = 0.4, 0.02
     capt = prob.capture("exact")
@@ -116,14 +117,22 @@ def test_step_equals_dense_formula(damping_mode, loss_name):
     g = prob.grad()
     Z = restriction(ref.records)
     F_c = dense_coarse(ref.records, ref.scale)
+    # paper: F_c + λI; consistent: Z (F̃ + λI) Zᵀ = F_c + λ Z Zᵀ
     eye = torch.eye(len(ref.records), dtype=torch.float64)
-    coarse = Z.T @ torch.linalg.solve(F_c + lam * eye, Z @ g)
+    damp = eye if coarse_damping == "paper" else Z @ Z.T
+    coarse = Z.T @ torch.linalg.solve(F_c + lam * damp, Z @ g)
     expect = -lr * (kfac_inverse_dense(ref.records, ref.scale, lam, damping_mode) @ g + coarse)
 
     model = copy.deepcopy(prob.model)
     before = flat_params(model)
     opt = TwoLevelKFAC(
-        model, prob.loss_fn, lr=lr, damping=lam, damping_mode=damping_mode, fisher="exact"
+        model,
+        prob.loss_fn,
+        lr=lr,
+        damping=lam,
+        damping_mode=damping_mode,
+        fisher="exact",
+        coarse_damping=coarse_damping,
     )
     opt.step(prob.X, prob.y)
     assert R.rel_err(flat_params(model) - before, expect) < TOL

@@ -10,7 +10,8 @@ like the KFAC factors (same decay, bias correction and schedule; frozen at each
 inversion) and ``F_c`` is a new tensor formed from the frozen ones whenever it is used —
 nothing is symmetrised or accumulated in place, so repeated inversions with unchanged
 statistics give the same coarse matrix.  The ``L x L`` Cholesky is redone per step.  The coarse
-system is damped with the same ``λ`` as the blocks (paper, App. A).
+system is damped with the same ``λ`` as the blocks, ``F_c + λI`` (paper, App. A), or
+consistently with them, ``F_c + λ Z Zᵀ`` (``coarse_damping="consistent"``).
 """
 
 from __future__ import annotations
@@ -22,17 +23,31 @@ from torch import Tensor
 
 from curvlab.capture import Capture
 from curvlab.errors import SingularMatrixError
-from curvlab.numerics import SOLVE_DTYPE
+from curvlab.numerics import SOLVE_DTYPE, check_choice, check_finite
 from curvlab.optim.coarse import coarse_factors, prolong, restrict
 from curvlab.optim.kfac import KFAC
 from curvlab.optim.kronecker import StatKey
 
+COARSE_DAMPINGS = ("paper", "consistent")
+
 
 class TwoLevelKFAC(KFAC):
-    """KFAC with the coarse-space correction ``Zᵀ(F_c + λI)⁻¹Z g``.
+    """KFAC with the coarse-space correction ``Zᵀ(F_c + λD)⁻¹Z g``.
 
-    Takes the arguments of :class:`curvlab.optim.KFAC`.
+    Takes the arguments of :class:`curvlab.optim.KFAC`, and
+
+    Args:
+        coarse_damping: ``"paper"`` (default): ``D = I``, as the paper damps the coarse
+            system (App. A); ``"consistent"``: ``D = Z Zᵀ = diag(n_l)`` (``n_l``: the
+            layer's parameter count), so that ``F_c + λD = Z (F̃ + λI) Zᵀ`` is the
+            coarse projection of the damped KFAC Fisher.  With ``"paper"`` the coarse
+            system is ``n_l`` times less damped than the blocks are.
     """
+
+    def __init__(self, *args: Any, coarse_damping: str = "paper", **kwargs: Any):
+        check_choice("coarse_damping", coarse_damping, COARSE_DAMPINGS)
+        self.coarse_damping = coarse_damping
+        super().__init__(*args, **kwargs)
 
     @property
     def coarse_matrix(self) -> Tensor:
@@ -41,13 +56,19 @@ class TwoLevelKFAC(KFAC):
         return stats[None, "A_coarse"] * stats[None, "G_coarse"]
 
     def coarse_correction(self, grad: Tensor, damping: float) -> Tensor:
-        """``Zᵀ (F_c + λI)⁻¹ Z g`` as a flat vector in the blocks' dtype."""
+        """``Zᵀ (F_c + λD)⁻¹ Z g`` as a flat vector in the blocks' dtype (``D``: see
+        ``coarse_damping``)."""
         f_c = self.coarse_matrix
-        eye = torch.eye(f_c.shape[0], dtype=SOLVE_DTYPE, device=f_c.device)
-        chol, info = torch.linalg.cholesky_ex(f_c + damping * eye)
+        check_finite(f_c, "the coarse Fisher F_c", "Lower the learning rate.")
+        if self.coarse_damping == "paper":
+            diag = torch.ones(f_c.shape[0], dtype=SOLVE_DTYPE, device=f_c.device)
+        else:
+            sizes = [info.num_params for info in self.layers]
+            diag = torch.tensor(sizes, dtype=SOLVE_DTYPE, device=f_c.device)
+        chol, info = torch.linalg.cholesky_ex(f_c + damping * torch.diag(diag))
         if info.item() != 0:
             raise SingularMatrixError(
-                f"F_c + λI is not numerically positive definite at damping={damping}; "
+                f"F_c + λD is not numerically positive definite at damping={damping}; "
                 "increase the damping."
             )
         z_g = restrict(self.layers, grad.to(SOLVE_DTYPE)).unsqueeze(1)
