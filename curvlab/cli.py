@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from curvlab.cli_common import (
     DTYPES,
-    FORMATS,
     POOL,
     Parser,
     UsageError,
+    check_problem,
     device,
     load_model,
     names,
@@ -261,20 +261,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as err:
         raise UsageError(str(err)) from None
     models = list(dict.fromkeys(names(args.model)))
-    for spec in models:
-        if ":" not in spec and spec not in MODELS:
-            raise UsageError(
-                f"unknown model '{spec}'; choose from {', '.join(MODELS)} "
-                "or package.module:function"
-            )
-    if not models:
-        raise UsageError(f"no model given; choose from {', '.join(MODELS)}")
-    if args.data not in DATASETS:
-        raise UsageError(f"unknown dataset '{args.data}'; choose from {', '.join(DATASETS)}")
-    formats = names(args.format)
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise UsageError(f"unknown figure format '{bad[0]}'; choose from {', '.join(FORMATS)}")
+    formats = check_problem(models, args.data, names(args.format))
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
         ("--mc-samples", args.mc_samples, 1),
@@ -308,7 +295,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.top_k,
         "max_eigenvalues": args.max_eigenvalues or None,
         "kfc_max_params": args.kfc_max_params,
-        "formats": list(dict.fromkeys(["png", "pdf", *formats])),
+        "formats": formats,
     }
 
 

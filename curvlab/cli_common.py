@@ -11,9 +11,9 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from curvlab.data import CorruptDataError
+from curvlab.data import DATASETS, CorruptDataError
 from curvlab.errors import CurvlabError
-from curvlab.models import build_model, load_user_model
+from curvlab.models import MODELS, build_model, load_user_model
 from curvlab.records import Record
 from curvlab.report.writer import REPORT_MARKERS, write_report
 
@@ -60,6 +60,25 @@ def device(text: str) -> torch.device:
     elif dev.type != "cpu":
         raise UsageError(f"unsupported device '{text}'; choose from cpu, cuda, cuda:N")
     return dev
+
+
+def check_problem(models: list[str], data: str, formats: list[str]) -> list[str]:
+    """Validate model specs, the dataset and figure formats; returns the formats to write
+    (PNG and PDF always, then the requested ones)."""
+    if not models:
+        raise UsageError(f"no model given; choose from {', '.join(MODELS)}")
+    for spec in models:
+        if ":" not in spec and spec not in MODELS:
+            raise UsageError(
+                f"unknown model '{spec}'; choose from {', '.join(MODELS)} "
+                "or package.module:function"
+            )
+    if data not in DATASETS:
+        raise UsageError(f"unknown dataset '{data}'; choose from {', '.join(DATASETS)}")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise UsageError(f"unknown figure format '{bad[0]}'; choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(["png", "pdf", *formats]))
 
 
 def check_out(out: Path, force: bool) -> None:

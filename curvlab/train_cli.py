@@ -19,9 +19,9 @@ from torch import nn
 
 from curvlab.cli_common import (
     DTYPES,
-    FORMATS,
     POOL,
     UsageError,
+    check_problem,
     device,
     load_model,
     names,
@@ -152,17 +152,7 @@ def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
         diag_methods = check_methods(names(args.diagnose_methods))
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if ":" not in args.model and args.model not in MODELS:
-        raise UsageError(
-            f"unknown model '{args.model}'; choose from {', '.join(MODELS)} or "
-            "package.module:function"
-        )
-    if args.data not in DATASETS:
-        raise UsageError(f"unknown dataset '{args.data}'; choose from {', '.join(DATASETS)}")
-    formats = names(args.format)
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise UsageError(f"unknown figure format '{bad[0]}'; choose from {', '.join(FORMATS)}")
+    formats = check_problem([args.model], args.data, names(args.format))
     for flag, value in (
         ("--steps", args.steps),
         ("--batch-size", args.batch_size),
@@ -193,7 +183,7 @@ def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
         "diagnose_every": args.diagnose_every,
         "diagnose_methods": diag_methods,
         "diagnose_damping": args.diagnose_damping,
-        "formats": list(dict.fromkeys(["png", "pdf", *formats])),
+        "formats": formats,
     }
 
 
