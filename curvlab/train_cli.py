@@ -250,11 +250,15 @@ def train_figures(records: Sequence[Record]) -> dict[str, Figure]:
             figs[f"train_{metric}"] = plot_training(
                 records, metric=metric, logy=metric != "test_accuracy"
             )
-    for metric in ("cosine", "best_relative_loss_decrease"):
+    labels = {
+        "cosine": "cosine to the exact NG",
+        "best_relative_loss_decrease": "best one-step relative loss decrease",
+    }
+    for metric, label in labels.items():
         if ((df["section"] == "trajectory") & (df["metric"] == metric)).any():
-            figs[f"trajectory_{metric}"] = plot_training(
-                records, metric=metric, logy=False, section="trajectory"
-            )
+            fig = plot_training(records, metric=metric, logy=False, section="trajectory")
+            fig.axes[0].set_ylabel(label)
+            figs[f"trajectory_{metric}"] = fig
     return figs
 
 
