@@ -35,12 +35,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from curvlab.capture import Capture, LayerCapture
-from curvlab.config import options
 from curvlab.curvature.base import LayerwiseCurvature
-from curvlab.curvature.eigen_block import EigenBlock
 from curvlab.curvature.exact import ExactFisher
-from curvlab.curvature.factors import KFAC_APPROX, Eigen, LayerFactors
-from curvlab.curvature.gram import SCHEMES, choose_scheme, per_sample_gradients
+from curvlab.curvature.factors import KFAC_APPROX, LayerFactors, grad_factor, input_factor_sum
+from curvlab.curvature.foof import foof_block
+from curvlab.curvature.gram import SCHEMES, choose_scheme, gram_rows
 from curvlab.curvature.kfac import DAMPING_MODES, KFAC, KFACBlock
 from curvlab.numerics import SOLVE_DTYPE, check_choice, compute_dtype
 
@@ -180,46 +179,6 @@ def gather_capture(capture: Capture, group=None, reduction: str | None = None) -
 # ----------------------------------------------------------------------------------
 
 
-def cross_gram(a_rows: Tensor, e_rows: Tensor, a_all: Tensor, e_all: Tensor, scheme: str):
-    """One layer's Gram rows ``K[(n,c), (m,d)]`` for the samples ``n`` of ``a_rows``.
-
-    Args:
-        a_rows, e_rows: This block's inputs ``(n, T, d_in_h)`` and columns ``(C', n, T, o)``.
-        a_all, e_all: All samples' (``(N, T, d_in_h)``, ``(C', N, T, o)``).
-        scheme: ``"pairs"`` or ``"per_sample"`` (see :mod:`curvlab.curvature.gram`).
-
-    Returns:
-        ``(n C', N C')`` in the dtype of ``a_rows``, rows and columns ordered ``(n, c)``.
-    """
-    c, n, t, o = e_rows.shape
-    big_n = a_all.shape[0]
-    er, ea = e_rows.permute(1, 0, 2, 3), e_all.permute(1, 0, 2, 3)  # (n, C', T, o)
-    out = torch.empty(n * c, big_n * c, dtype=a_rows.dtype, device=a_rows.device)
-    item = a_rows.element_size()
-    if scheme == "per_sample":
-        g_all = per_sample_gradients(a_all, ea).reshape(big_n * c, -1)
-        step = max(1, options.chunk_bytes // max(1, c * g_all.shape[1] * item))
-        for i in range(0, n, step):
-            j = min(i + step, n)
-            g = per_sample_gradients(a_rows[i:j], er[i:j]).reshape((j - i) * c, -1)
-            out[i * c : j * c] = g @ g_all.T
-        return out
-    e_flat = ea.reshape(big_n * c * t, o)
-    a_flat = a_all.reshape(big_n * t, a_all.shape[-1])
-    step = max(1, options.chunk_bytes // max(1, (c * t) ** 2 * big_n * item))
-    for i in range(0, n, step):
-        j = min(i + step, n)
-        b = j - i
-        ee = (er[i:j].reshape(b * c * t, o) @ e_flat.T).view(b, c, t, big_n, c, t)
-        aa = (a_rows[i:j].reshape(b * t, -1) @ a_flat.T).view(b, t, big_n, t)
-        if t == 1:
-            block = ee[:, :, 0, :, :, 0] * aa[:, 0, :, 0].view(b, 1, big_n, 1)
-        else:
-            block = torch.einsum("bxtmys,btms->bxmy", ee, aa)
-        out[i * c : j * c] = block.reshape(b * c, big_n * c)
-    return out
-
-
 def gram_block_row(
     local: Capture, gathered: Capture, scheme: str = "auto", layers: list[int] | None = None
 ) -> Tensor:
@@ -245,7 +204,7 @@ def gram_block_row(
         sch = scheme
         if sch == "auto":
             sch = choose_scheme(big_n, c, t, gc.a.shape[-1], o)
-        out += cross_gram(lc.a.to(dtype), lc.e.to(dtype), gc.a.to(dtype), gc.e.to(dtype), sch)
+        out += gram_rows(lc.a.to(dtype), lc.e.to(dtype), gc.a.to(dtype), gc.e.to(dtype), sch)
     return out
 
 
@@ -349,18 +308,13 @@ def kfac_factors(
     red = _reduction(capture, sizes, reduction, group)
     total = sum(sizes)
     scale = 1.0 / total if red == "mean" else 1.0
-    dtype = compute_dtype(capture.dtype)
     out = {}
     for lc in capture.layers:
-        a, e = lc.a, lc.e
-        if approx == "reduce":
-            a, e = a.mean(dim=1, keepdim=True), e.sum(dim=2, keepdim=True)
-        fa = a.reshape(-1, a.shape[-1]).to(dtype)
-        fe = e.reshape(-1, e.shape[-1]).to(dtype)
-        sums = torch.cat([(fa.T @ fa).reshape(-1), (fe.T @ fe).reshape(-1)]).to(SOLVE_DTYPE)
-        sums = all_reduce_sum(sums, group)
-        d_a, d_e = fa.shape[1], fe.shape[1]
-        big_a = sums[: d_a * d_a].view(d_a, d_a) / (total * a.shape[1])
+        a_sum, rows = input_factor_sum(lc.a, approx)
+        g_sum = grad_factor(lc.e, 1.0, approx)
+        sums = all_reduce_sum(torch.cat([a_sum.reshape(-1), g_sum.reshape(-1)]), group)
+        d_a, d_e = a_sum.shape[0], g_sum.shape[0]
+        big_a = sums[: d_a * d_a].view(d_a, d_a) / (total * rows)
         big_g = scale * sums[d_a * d_a :].view(d_e, d_e)
         out[lc.name] = (big_a, big_g)
     return out
@@ -401,9 +355,6 @@ class DistributedFOOF(LayerwiseCurvature):
     def __init__(self, capture: Capture, group=None, reduction: str | None = None):
         factors = kfac_factors(capture, group, "expand", reduction)
         dtype = compute_dtype(capture.dtype)
-        blocks = {}
-        for lc in capture.layers:
-            eig = Eigen.of(factors[lc.name][0])
-            ones = torch.ones(lc.info.d_out, 1, dtype=eig.values.dtype, device=eig.values.device)
-            blocks[lc.name] = EigenBlock(lc.info, None, eig.vectors, ones * eig.values, dtype)
-        super().__init__(blocks)
+        super().__init__(
+            {lc.name: foof_block(lc.info, factors[lc.name][0], dtype) for lc in capture.layers}
+        )

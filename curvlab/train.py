@@ -84,13 +84,18 @@ MLP on the digits; tune them for other problems with :func:`grid_search`."""
 
 
 def check_train_methods(names: Sequence[str]) -> list[str]:
-    """``names`` if every one is in :data:`TRAIN_METHODS`, else a ``ValueError`` listing them."""
+    """Validate training method names (order kept, duplicates dropped).
+
+    Raises:
+        ValueError: an unknown or no method; the message lists :data:`TRAIN_METHODS`.
+    """
+    names = list(dict.fromkeys(names))
     for name in names:
         if name not in TRAIN_METHODS:
-            raise ValueError(
-                f"unknown training method '{name}'; choose from {', '.join(TRAIN_METHODS)}"
-            )
-    return list(names)
+            raise ValueError(f"unknown method '{name}'; choose from {', '.join(TRAIN_METHODS)}")
+    if not names:
+        raise ValueError(f"no method given; choose from {', '.join(TRAIN_METHODS)}")
+    return names
 
 
 def stepper(name: str, loss_fn: nn.Module, **hparams: Any) -> StepperFactory:

@@ -33,7 +33,15 @@ from curvlab.data import DATASETS, load_dataset
 from curvlab.models import MODELS
 from curvlab.plots import plot_training
 from curvlab.records import Record, to_dataframe
-from curvlab.train import TRAIN_METHODS, Diagnostics, Problem, final_loss, stepper, train
+from curvlab.train import (
+    TRAIN_METHODS,
+    Diagnostics,
+    Problem,
+    check_train_methods,
+    final_loss,
+    stepper,
+    train,
+)
 
 DEFAULT_TRAIN_METHODS = ("sgd", "exact", "kfac", "foof")
 HPARAMS = ("lr", "damping")
@@ -131,12 +139,11 @@ def per_method(
 
 def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the ``train`` options into the run configuration."""
-    methods = list(dict.fromkeys(names(args.methods)))
-    if not methods:
-        raise UsageError(f"no method given; choose from {', '.join(TRAIN_METHODS)}")
-    for m in methods:
-        if m not in TRAIN_METHODS:
-            raise UsageError(f"unknown method '{m}'; choose from {', '.join(TRAIN_METHODS)}")
+    try:
+        methods = check_train_methods(names(args.methods))
+        diag_methods = check_methods(names(args.diagnose_methods))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     hparams: dict[str, dict[str, Any]] = {m: dict(TRAIN_METHODS[m][2]) for m in methods}
     for what in HPARAMS:
         accepts = [m for m in methods if what in hparams[m]]
@@ -148,10 +155,6 @@ def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
         follow = optional(args.diagnose)
     if follow is not None and follow not in methods:
         raise UsageError(f"--diagnose '{follow}' is not among --methods ({', '.join(methods)})")
-    try:
-        diag_methods = check_methods(names(args.diagnose_methods))
-    except ValueError as err:
-        raise UsageError(str(err)) from None
     formats = check_problem([args.model], args.data, names(args.format))
     for flag, value in (
         ("--steps", args.steps),

@@ -29,12 +29,20 @@ from curvlab.numerics import SOLVE_DTYPE, check_finite, compute_dtype
 KFAC_APPROX = ("expand", "reduce")
 
 
-def input_factor(a: Tensor, approx: str = "expand") -> Tensor:
-    """``A`` of shape ``(d_in_h, d_in_h)`` in float64 from ``a (N, T, d_in_h)``."""
+def input_factor_sum(a: Tensor, approx: str = "expand") -> tuple[Tensor, int]:
+    """``Σ ā āᵀ`` (float64, ``(d_in_h, d_in_h)``) over the rows of ``a (N, T, d_in_h)`` —
+    every location for ``"expand"``, each sample's location mean for ``"reduce"`` — and
+    the number of rows per sample (``T`` or 1).  ``A`` is the sum over ``N`` times that."""
     if approx == "reduce":
         a = a.mean(dim=1, keepdim=True)
     flat = a.reshape(-1, a.shape[-1]).to(compute_dtype(a.dtype))
-    return (flat.T @ flat).to(SOLVE_DTYPE) / flat.shape[0]
+    return (flat.T @ flat).to(SOLVE_DTYPE), a.shape[1]
+
+
+def input_factor(a: Tensor, approx: str = "expand") -> Tensor:
+    """``A`` of shape ``(d_in_h, d_in_h)`` in float64 from ``a (N, T, d_in_h)``."""
+    total, rows = input_factor_sum(a, approx)
+    return total / (a.shape[0] * rows)
 
 
 def grad_factor(e: Tensor, scale: float, approx: str = "expand") -> Tensor:

@@ -88,17 +88,54 @@ def _gram_single_location(a: Tensor, e: Tensor) -> Tensor:
 
 def _gram_pairs(a: Tensor, e: Tensor) -> Tensor:
     """Location-pair double sum with ``a (N, T, d)``, ``e (N, C', T, o)``."""
-    n, c, t, o = e.shape
-    e_all = e.reshape(n * c * t, o)
-    a_all = a.reshape(n * t, a.shape[-1])
-    out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
-    step = _rows_per_chunk(c * t * n * c * t, a.element_size())
-    for i in range(0, n, step):
-        j = min(i + step, n)
+    return _pairs_rows(a, e, a, e)
+
+
+def _pairs_rows(a_rows: Tensor, e_rows: Tensor, a_all: Tensor, e_all: Tensor) -> Tensor:
+    """Rows ``K[(n,c), :]`` of the location-pair double sum for the samples of ``a_rows
+    (b, T, d)``, ``e_rows (b, C', T, o)`` against ``a_all (N, T, d)``, ``e_all (N, C', T, o)``."""
+    b_all, c, t, o = e_rows.shape
+    n = a_all.shape[0]
+    e_flat = e_all.reshape(n * c * t, o)
+    a_flat = a_all.reshape(n * t, a_all.shape[-1])
+    out = torch.empty(b_all * c, n * c, dtype=a_rows.dtype, device=a_rows.device)
+    step = _rows_per_chunk(c * t * n * c * t, a_rows.element_size())
+    for i in range(0, b_all, step):
+        j = min(i + step, b_all)
         b = j - i
-        ee = (e[i:j].reshape(b * c * t, o) @ e_all.T).view(b, c, t, n, c, t)
-        aa = (a[i:j].reshape(b * t, -1) @ a_all.T).view(b, t, n, t)
-        out[i * c : j * c] = torch.einsum("bxtmys,btms->bxmy", ee, aa).reshape(b * c, n * c)
+        ee = (e_rows[i:j].reshape(b * c * t, o) @ e_flat.T).view(b, c, t, n, c, t)
+        aa = (a_rows[i:j].reshape(b * t, -1) @ a_flat.T).view(b, t, n, t)
+        if t == 1:
+            block = ee[:, :, 0, :, :, 0] * aa[:, 0, :, 0].view(b, 1, n, 1)
+        else:
+            block = torch.einsum("bxtmys,btms->bxmy", ee, aa)
+        out[i * c : j * c] = block.reshape(b * c, n * c)
+    return out
+
+
+def gram_rows(a_rows: Tensor, e_rows: Tensor, a_all: Tensor, e_all: Tensor, scheme: str) -> Tensor:
+    """One layer's Gram rows ``K[(n,c), (m,d)]`` for the samples ``n`` of ``a_rows``.
+
+    Args:
+        a_rows, e_rows: The rows' inputs ``(b, T, d_in_h)`` and columns ``(C', b, T, o)``.
+        a_all, e_all: All samples' (``(N, T, d_in_h)``, ``(C', N, T, o)``).
+        scheme: ``"pairs"`` or ``"per_sample"``.
+
+    Returns:
+        ``(b C', N C')`` in the dtype of ``a_rows``, rows and columns ordered ``(n, c)``.
+    """
+    er, ea = e_rows.permute(1, 0, 2, 3), e_all.permute(1, 0, 2, 3)  # (., C', T, o)
+    if scheme == "pairs":
+        return _pairs_rows(a_rows, er, a_all, ea)
+    check_choice("scheme", scheme, ("pairs", "per_sample"))
+    b, c = er.shape[:2]
+    g_all = per_sample_gradients(a_all, ea).reshape(a_all.shape[0] * c, -1)
+    out = torch.empty(b * c, g_all.shape[0], dtype=a_rows.dtype, device=a_rows.device)
+    step = _rows_per_chunk(c * g_all.shape[1], a_rows.element_size())
+    for i in range(0, b, step):
+        j = min(i + step, b)
+        g = per_sample_gradients(a_rows[i:j], er[i:j]).reshape((j - i) * c, -1)
+        out[i * c : j * c] = g @ g_all.T
     return out
 
 

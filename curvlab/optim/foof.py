@@ -11,12 +11,12 @@ column, its output gradients unused).  With ``ema_decay=0`` (or on the first ste
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from curvlab.capture import Capture
 from curvlab.curvature.eigen_block import EigenBlock
-from curvlab.curvature.factors import Eigen, input_factor
+from curvlab.curvature.factors import input_factor
+from curvlab.curvature.foof import foof_block
 from curvlab.layers import LayerInfo
 from curvlab.optim.kronecker import KroneckerOptimizer, StatKey
 
@@ -66,6 +66,4 @@ class FOOF(KroneckerOptimizer):
         return {(lc.name, "A"): input_factor(lc.a) for lc in capt.layers}
 
     def _block(self, info: LayerInfo, stats: dict[str, Tensor]) -> EigenBlock:
-        eig = Eigen.of(stats["A"])
-        ones = torch.ones(info.d_out, 1, dtype=eig.values.dtype, device=eig.values.device)
-        return EigenBlock(info, None, eig.vectors, ones * eig.values, self.block_dtype)
+        return foof_block(info, stats["A"], self.block_dtype)
