@@ -343,7 +343,7 @@ class DistributedKFAC(KFAC):
         LayerwiseCurvature.__init__(
             self,
             {
-                lc.name: KFACBlock(LayerFactors(lc, *factors[lc.name]), damping_mode, dtype)
+                lc.name: KFACBlock(LayerFactors(lc.info, *factors[lc.name]), damping_mode, dtype)
                 for lc in capture.layers
             },
         )

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from curvlab.capture import LayerCapture
 from curvlab.errors import SingularMatrixError
+from curvlab.layers import LayerInfo
 from curvlab.numerics import SOLVE_DTYPE, check_finite, compute_dtype
 
 KFAC_APPROX = ("expand", "reduce")
@@ -84,24 +85,24 @@ class Eigen:
 
 @dataclass
 class LayerFactors:
-    """``A``, ``G`` and their eigendecompositions for one captured layer."""
+    """``A``, ``G`` and their eigendecompositions for one layer (``info``: its layout)."""
 
-    layer: LayerCapture
+    info: LayerInfo
     A: Tensor
     G: Tensor
 
     @classmethod
     def of(cls, layer: LayerCapture, scale: float, approx: str = "expand") -> LayerFactors:
         """Factors of ``layer`` with the ``"expand"`` or ``"reduce"`` convention."""
-        return cls(layer, input_factor(layer.a, approx), grad_factor(layer.e, scale, approx))
+        return cls(layer.info, input_factor(layer.a, approx), grad_factor(layer.e, scale, approx))
 
     @cached_property
     def eig_A(self) -> Eigen:
-        return Eigen.of(self.A, f"the input factor A of layer '{self.layer.name}'")
+        return Eigen.of(self.A, f"the input factor A of layer '{self.info.name}'")
 
     @cached_property
     def eig_G(self) -> Eigen:
-        return Eigen.of(self.G, f"the gradient factor G of layer '{self.layer.name}'")
+        return Eigen.of(self.G, f"the gradient factor G of layer '{self.info.name}'")
 
     @property
     def pi(self) -> float:

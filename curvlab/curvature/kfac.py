@@ -38,7 +38,7 @@ class KFACBlock(EigenBlock):
     def __init__(self, factors: LayerFactors, damping_mode: str, dtype: torch.dtype):
         ea, eg = factors.eig_A, factors.eig_G
         super().__init__(
-            factors.layer.info, eg.vectors, ea.vectors, torch.outer(eg.values, ea.values), dtype
+            factors.info, eg.vectors, ea.vectors, torch.outer(eg.values, ea.values), dtype
         )
         self.factors, self.damping_mode = factors, damping_mode
 

@@ -23,7 +23,7 @@ from curvlab.curvature.factors import KFAC_APPROX, LayerFactors, grad_factor, in
 from curvlab.curvature.kfac import DAMPING_MODES, KFACBlock
 from curvlab.layers import LayerInfo
 from curvlab.numerics import check_choice
-from curvlab.optim.kronecker import KroneckerOptimizer, StatKey, layer_stub
+from curvlab.optim.kronecker import KroneckerOptimizer, StatKey
 
 
 class KFAC(KroneckerOptimizer):
@@ -96,5 +96,5 @@ class KFAC(KroneckerOptimizer):
         return out
 
     def _block(self, info: LayerInfo, stats: dict[str, Tensor]) -> KFACBlock:
-        factors = LayerFactors(layer_stub(info), stats["A"], stats["G"])
+        factors = LayerFactors(info, stats["A"], stats["G"])
         return KFACBlock(factors, self.damping_mode, self.block_dtype)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.capture import Capture, LayerCapture
+from curvlab.capture import Capture
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.layers import LayerInfo
 from curvlab.numerics import compute_dtype
@@ -138,15 +138,3 @@ class KroneckerOptimizer(CurvatureOptimizer):
 
     def _precondition(self, grad: Tensor, group: dict[str, Any]) -> Tensor:
         return self.preconditioner.solve(grad, group["damping"])
-
-
-def layer_stub(info: LayerInfo) -> LayerCapture:
-    """A :class:`LayerCapture` with the layer's layout but no data.
-
-    :class:`~curvlab.curvature.factors.LayerFactors` reads only ``layer.info``; a stub
-    keeps the preconditioner from holding a batch's activations alive between inversions.
-    """
-    w = info.module.weight
-    a = w.new_zeros(0, 1, info.d_in_h)
-    e = w.new_zeros(0, 0, 1, info.d_out)
-    return LayerCapture(info, a, e)

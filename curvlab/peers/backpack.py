@@ -92,7 +92,7 @@ class BackpackKFAC(LayerwiseCurvature):
             a, g = factors[lc.name]["A"], factors[lc.name]["G"]
             if lc.info.has_bias:
                 a = torch.block_diag(a, torch.ones(1, 1, dtype=a.dtype, device=a.device))
-            blocks[lc.name] = KFACBlock(LayerFactors(lc, a, g), damping_mode, dtype)
+            blocks[lc.name] = KFACBlock(LayerFactors(lc.info, a, g), damping_mode, dtype)
         super().__init__(blocks)
 
 
