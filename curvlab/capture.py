@@ -66,6 +66,9 @@ class Capture:
         output: The detached model output ``(N, C)``.
         fisher: ``"mc"``, ``"exact"`` or ``"empirical"``.
         mc_samples: Labels sampled per input for ``"mc"``.
+        grad_ratio: For ``"empirical"``, ``r = s·√c`` with gradient rows ``g = r·e``
+            (the Fisher column is the gradient column rescaled), so that
+            ``Uᵀ∇L = r·K·1``; ``None`` for the other types.
     """
 
     layers: list[LayerCapture]
@@ -76,6 +79,7 @@ class Capture:
     output: Tensor
     fisher: str
     mc_samples: int
+    grad_ratio: float | None = None
 
     @property
     def num_params(self) -> int:
@@ -230,6 +234,7 @@ def capture(
         output=f,
         fisher=fisher,
         mc_samples=int(mc_samples) if fisher == "mc" else 1,
+        grad_ratio=scale * math.sqrt(c) if empirical else None,
     )
 
 

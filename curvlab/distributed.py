@@ -171,6 +171,7 @@ def gather_capture(capture: Capture, group=None, reduction: str | None = None) -
         scale=scale,
         loss=float(loss.item()),
         output=all_gather_dim(capture.output, sizes, 0, group),
+        grad_ratio=None if capture.grad_ratio is None else capture.grad_ratio * weight,
     )
 
 
@@ -280,12 +281,10 @@ class DistributedExactFisher(ExactFisher):
 
     def _u(self, coef: Tensor) -> Tensor:
         cc = coef[self._rows].to(self.dtype).view(self.local.batch_size, -1)
-        parts = []
-        for lc in self.local.layers:
-            ec = torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype))
-            mat = torch.einsum("nto,ntk->ok", ec, lc.a.to(self.dtype))
-            parts.append(lc.info.to_flat(mat).reshape(-1))
-        return all_reduce_sum(torch.cat(parts), self.group)
+        mine = self._contract(
+            lambda lc: torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype)), self.local.layers
+        )
+        return all_reduce_sum(mine, self.group)
 
 
 # ----------------------------------------------------------------------------------

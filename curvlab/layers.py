@@ -85,6 +85,27 @@ class LayerInfo:
             return w
         return torch.cat([w, mat[..., self.d_in]], dim=-1)
 
+    def weight_product(self, rows: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
+        """``Σ_nt rows_nt ā_ntᵀ`` as this layer's flat slice ``(num_params,)``.
+
+        The layer gradient's shape of product (``rows`` = output gradients), computed
+        as one matrix product and written straight into the flat layout.
+
+        Args:
+            rows: Output rows ``(N, T, d_out)``.
+            a: Homogeneous inputs ``(N, T, d_in_h)`` (:meth:`unfold`).
+            out: Optional destination ``(num_params,)``, e.g. a slice of a flat vector.
+        """
+        if out is None:
+            out = rows.new_empty(self.num_params)
+        r = rows.reshape(-1, self.d_out)
+        x = a.reshape(-1, self.d_in_h)
+        n_w = self.d_out * self.d_in
+        torch.mm(r.T, x[:, : self.d_in], out=out[:n_w].view(self.d_out, self.d_in))
+        if self.has_bias:
+            torch.sum(r, dim=0, out=out[n_w:])
+        return out
+
     def flat_index(self) -> Tensor:
         """Index ``p`` with ``flat[p] == [W | b].flatten()`` (row-major), for dense blocks."""
         positions = torch.arange(self.num_params, dtype=torch.float64)

@@ -175,8 +175,9 @@ def _uses_gram_branch(n: int, c: int, lc) -> bool:
     [("wide_mlp", 2), ("wide_mlp", 40), ("wide_conv", 2), ("wide_conv", 40)],
 )
 def test_natural_gradient_both_branches(name, n):
-    """Both ways of forming ``Uᵀg`` (sample-pair Gram for small N, the layer gradient
-    otherwise) agree with the dense reference, for Linear and conv layers."""
+    """Both ways of forming ``Uᵀg`` from an assembled Gram (sample-pair products for
+    small N, the layer gradient otherwise) and the joint assembly of a fresh object
+    agree with the dense reference, for Linear and conv layers."""
     torch.manual_seed(7)
     if name == "wide_mlp":
         model = nn.Sequential(nn.Linear(24, 30), nn.Tanh(), nn.Linear(30, 3)).double()
@@ -192,8 +193,32 @@ def test_natural_gradient_both_branches(name, n):
     assert branches == ({True} if n == 2 else {False})
     F = R.dense_ggn(model, loss_fn, X, y)
     g = R.batch_gradient(model, loss_fn, X, y)
-    ng = curvlab.ExactFisher(capt).natural_gradient(1e-2)
-    assert R.rel_err(ng, _natural_gradient_ref(F, g, 1e-2)) <= RTOL
+    expect = _natural_gradient_ref(F, g, 1e-2)
+    assembled = curvlab.ExactFisher(capt)
+    assembled.gram  # noqa: B018 (assemble K first: Uᵀg then comes from the branches)
+    for obj, how in [(assembled, "from the Gram"), (curvlab.ExactFisher(capt), "joint")]:
+        assert R.rel_err(obj.natural_gradient(1e-2), expect) <= RTOL, how
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 128 * 2**20])
+@pytest.mark.parametrize("scheme", ["pairs", "per_sample"])
+@pytest.mark.parametrize("model_name", ["mlp_mixed_bias", "seq_flatten", "conv2d_stride"])
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_chunked_assembly(monkeypatch, model_name, fisher, scheme, chunk_bytes):
+    """Gram assembly (alone, and jointly with ``Uᵀg``) one sample per chunk equals the
+    unchunked result and the dense references, for both schemes, C' = 1 and C' = C."""
+    from curvlab.config import options
+
+    monkeypatch.setattr(options, "chunk_bytes", chunk_bytes)
+    p = get_problem(model_name, "ce-mean")
+    capt = p.capture(fisher, generator=mc_generator(3), gradient=False)
+    ref = p.ref(fisher, capt)
+    joint = curvlab.ExactFisher(capt, scheme=scheme)
+    ng = joint.natural_gradient(0.1)
+    assert R.rel_err(ng, _natural_gradient_ref(ref.F, p.grad(), 0.1)) <= RTOL
+    alone = curvlab.ExactFisher(capt, scheme=scheme)
+    assert R.rel_err(joint.gram, alone.gram) <= RTOL
+    R.assert_close_all(R.interface_errors(alone, ref.F, DAMPINGS), RTOL, str(p))
 
 
 def test_natural_gradient_blocks_and_fallback():
@@ -210,6 +235,9 @@ def test_natural_gradient_blocks_and_fallback():
     for r, blk in zip(ref.records, curvlab.ExactFisher(capt).blocks.values()):
         expect = _natural_gradient_ref(ref.F[r.slice, r.slice], g[r.slice], 0.1)
         assert R.rel_err(blk.natural_gradient(0.1), expect) <= RTOL, r.name
+    block_diag = R.block_diagonal_part(ref.F, ref.records)
+    ng = curvlab.BlockDiagFisher(capt).natural_gradient(0.1)
+    assert R.rel_err(ng, _natural_gradient_ref(block_diag, g, 0.1)) <= RTOL
     bare = replace(capt, layers=[replace(lc, g=None) for lc in capt.layers])
     ng = curvlab.ExactFisher(bare).natural_gradient(0.1)
     assert R.rel_err(ng, _natural_gradient_ref(ref.F, g, 0.1)) <= RTOL

@@ -12,6 +12,7 @@ is never formed for the network.  :class:`ExactFisher` covers all layers;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 from curvlab.capture import Capture, LayerCapture
 from curvlab.config import format_bytes, options
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
-from curvlab.curvature.gram import layer_gram, per_sample_gradients
+from curvlab.curvature.gram import layer_gram, layer_gram_and_cross, per_sample_gradients
 from curvlab.errors import MemoryBudgetError, SingularMatrixError
 from curvlab.numerics import (
     SOLVE_DTYPE,
@@ -80,14 +81,28 @@ class GramFisher(Curvature):
     def gram(self) -> Tensor:
         """``K = UᵀU``, ``(N C', N C')`` in float64, rows ordered ``(n, c)``."""
         if self._gram is None:
-            total = torch.zeros(
-                self.num_columns, self.num_columns, dtype=SOLVE_DTYPE, device=self.device
-            )
-            for lc in self._layers:
-                a, e = lc.a.to(self.dtype), lc.e.to(self.dtype)
-                total += layer_gram(a, e, self._scheme)
-            self._gram = total
+            self._assemble(cross=False)
         return self._gram
+
+    def _assemble(self, cross: bool) -> Tensor | None:
+        """Assemble and keep ``K``; with ``cross`` also return ``Uᵀ∇L`` (float64,
+        ``(N C',)``) from the gradient rows, at the cost of ``N`` more output columns."""
+        total = torch.zeros(
+            self.num_columns, self.num_columns, dtype=SOLVE_DTYPE, device=self.device
+        )
+        utg = (
+            torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device) if cross else None
+        )
+        for lc in self._layers:
+            a, e = lc.a.to(self.dtype), lc.e.to(self.dtype)
+            if utg is None:
+                total += layer_gram(a, e, self._scheme)
+            else:
+                k, x = layer_gram_and_cross(a, e, lc.g.to(self.dtype), self._scheme)
+                total += k
+                utg += x
+        self._gram = total
+        return utg
 
     @cached_property
     def blocks(self) -> dict[str, Curvature]:
@@ -111,14 +126,19 @@ class GramFisher(Curvature):
 
     def _u(self, coef: Tensor) -> Tensor:
         """``U c`` for ``c`` of length ``N C'`` (order ``(n, c)``) as a flat vector."""
-        n = self._capture.batch_size
-        cc = coef.to(self.dtype).view(n, -1)
-        parts = []
-        for lc in self._layers:
-            ec = torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype))
-            mat = torch.einsum("nto,ntk->ok", ec, lc.a.to(self.dtype))
-            parts.append(lc.info.to_flat(mat).reshape(-1))
-        return torch.cat(parts)
+        cc = coef.to(self.dtype).view(self._capture.batch_size, -1)
+        return self._contract(lambda lc: torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype)))
+
+    def _contract(
+        self, rows: Callable[[LayerCapture], Tensor], layers: list[LayerCapture] | None = None
+    ) -> Tensor:
+        """The flat vector of ``Σ_nt r_nt ā_ntᵀ`` per layer, with ``r = rows(layer)``
+        ``(N, T, d_out)``, written layer by layer into one buffer.  ``layers`` (default:
+        this object's) must describe the same parameters as this object's layers."""
+        out = torch.empty(self.num_params, dtype=self.dtype, device=self.device)
+        for lc, part in zip(self._layers if layers is None else layers, out.split(self._sizes)):
+            lc.info.weight_product(rows(lc), lc.a.to(self.dtype), out=part)
+        return out
 
     def _mv(self, v: Tensor) -> Tensor:
         return self.scale * self._u(self._ut(v))
@@ -164,10 +184,12 @@ class GramFisher(Curvature):
         ``capture(..., gradient=False)`` and needs one ``P``-sized contraction per
         layer instead of three (forming ``g``, ``Uᵀg`` and ``U c``):
 
-        * ``(Uᵀg)_nc = Σ_m Σ_{t,t'} (ā_nt·ā_mt')(e_nct·g_mt')`` when that is cheaper
-          than ``Σ_t e_nct · (W_g ā_nt)`` with the layer gradient ``W_g`` (the chosen
-          branch's temporaries are at most twice the size of ``a`` and ``g``);
-        * the result per layer as ``Σ_nt (g_nt − Σ_c c_nc e_nct) ā_ntᵀ / λ``.
+        * for the empirical Fisher ``Uᵀg = r·K·1`` (``Capture.grad_ratio``), else
+          ``(Uᵀg)_nc = Σ_m Σ_{t,t'} (ā_nt·ā_mt')(e_nct·g_mt')``, assembled together
+          with ``K`` (the input products ``ā·ā'`` serve both) when ``K`` is not yet
+          assembled, otherwise by :meth:`_utg`;
+        * the result per layer as ``Σ_nt ((g_nt − Σ_c c_nc e_nct) / λ) ā_ntᵀ``, written
+          into one flat buffer.
 
         Falls back to :meth:`solve` with ``capture.grad`` for captures without
         gradient rows.
@@ -178,6 +200,29 @@ class GramFisher(Curvature):
                 raise ValueError("the capture holds neither gradient rows nor a gradient.")
             grad = torch.cat([self._capture.grad[lc.info.slice] for lc in self._layers])
             return self.solve(grad, lam)
+        ratio = self._capture.grad_ratio
+        if ratio is not None:
+            utg = self.gram.sum(dim=1).mul_(ratio)
+        elif self._gram is None:
+            utg = self._assemble(cross=True)
+        else:
+            utg = self._utg()
+        coef = torch.cholesky_solve(utg.unsqueeze(1), self._cholesky(lam)).squeeze(1)
+        cc = coef.to(self.dtype).view(self._capture.batch_size, -1)
+        return self._contract(
+            lambda lc: (
+                torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype))
+                .neg_()
+                .add_(lc.g.to(self.dtype))
+                .div_(lam)
+            )
+        )
+
+    def _utg(self) -> Tensor:
+        """``Uᵀ∇L`` from the gradient rows when ``K`` is already assembled: per layer
+        ``Σ_m Σ_tt' (ā_nt·ā_mt')(e_nct·g_mt')`` when that is cheaper than
+        ``Σ_t e_nct · (∇_l ā_nt)`` with the layer gradient ``∇_l`` (the chosen branch's
+        temporaries are at most twice the size of ``a`` and ``g``)."""
         n, c = self._capture.batch_size, self._capture.num_columns
         utg = torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
         for lc in self._layers:
@@ -188,17 +233,10 @@ class GramFisher(Curvature):
                 eg = torch.einsum("cnto,mso->nctms", e, g)
                 part = torch.einsum("nctms,ntms->nc", eg, aa)
             else:
-                w_g = torch.einsum("nto,ntk->ok", g, a)
+                w_g = lc.info.to_matrix(lc.info.weight_product(g, a))
                 part = torch.einsum("cnto,nto->nc", e, a @ w_g.T)
             utg += part.reshape(-1).double()
-        coef = torch.cholesky_solve(utg.unsqueeze(1), self._cholesky(lam)).squeeze(1)
-        cc = coef.to(self.dtype).view(n, c)
-        parts = []
-        for lc in self._layers:
-            rows = lc.g.to(self.dtype) - torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype))
-            mat = torch.einsum("nto,ntk->ok", rows, lc.a.to(self.dtype)).div_(lam)
-            parts.append(lc.info.to_flat(mat).reshape(-1))
-        return torch.cat(parts)
+        return utg
 
     def _solve_undamped(self, v: Tensor) -> Tensor:
         if self.num_params > self.num_columns:
@@ -258,3 +296,8 @@ class BlockDiagFisher(LayerwiseCurvature):
         super().__init__(
             {lc.name: GramFisher(capture, [lc], memory_budget, scheme) for lc in capture.layers}
         )
+
+    def natural_gradient(self, damping: float) -> Tensor:
+        """``(F_bd + λI)⁻¹ g`` for the captured gradient, block by block
+        (:meth:`ExactFisher.natural_gradient` of each layer's block)."""
+        return torch.cat([blk.natural_gradient(damping) for blk in self.blocks.values()])

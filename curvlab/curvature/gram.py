@@ -25,6 +25,10 @@ from curvlab.config import options
 from curvlab.numerics import check_choice
 
 SCHEMES = ("auto", "pairs", "per_sample")
+# A symmetric product is formed from its lower block triangle: with k row blocks, (k + 1) / 2k
+# of the full product's work.  At most 8 blocks of at least 64 rows (smaller products lose
+# more in matmul efficiency than they save).
+SYMMETRIC_BLOCKS, SYMMETRIC_MIN_ROWS = 8, 64
 
 
 def scheme_costs(n: int, c: int, t: int, d_in: int, d_out: int) -> dict[str, float]:
@@ -59,58 +63,114 @@ def layer_gram(a: Tensor, e: Tensor, scheme: str = "auto") -> Tensor:
     Returns:
         ``K_l`` of shape ``(N C', N C')`` in the dtype of ``a``, rows ordered ``(n, c)``.
     """
+    return _assemble(a, e, None, scheme)[0]
+
+
+def layer_gram_and_cross(
+    a: Tensor, e: Tensor, g: Tensor, scheme: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """One layer's Gram ``K_l`` and ``U_lᵀ ∇_l``, sharing the input products.
+
+    ``∇_l = Σ_mt g_mt ā_mtᵀ`` is the layer's part of the mini-batch gradient, so
+    ``(U_lᵀ ∇_l)_nc = Σ_m Σ_{t,t'} (ā_nt·ā_mt')(e_nct·g_mt')``: the products ``ā·ā'``
+    that ``K_l`` needs serve both, and the gradient rows join the output products as
+    ``N`` extra columns.
+
+    Args:
+        a: Homogeneous inputs ``(N, T, d_in_h)``.
+        e: Output-gradient columns ``(C', N, T, d_out)``.
+        g: The gradient's output rows ``(N, T, d_out)``.
+        scheme: ``"auto"``, ``"pairs"`` or ``"per_sample"``.
+
+    Returns:
+        ``K_l`` ``(N C', N C')`` and ``U_lᵀ ∇_l`` ``(N C',)``, in the dtype of ``a``,
+        ordered ``(n, c)``.
+    """
+    gram, cross = _assemble(a, e, g, scheme)
+    assert cross is not None
+    return gram, cross
+
+
+def _assemble(a: Tensor, e: Tensor, g: Tensor | None, scheme: str) -> tuple[Tensor, Tensor | None]:
     check_choice("scheme", scheme, SCHEMES)
     c, n, t, d_out = e.shape
     if scheme == "auto":
         scheme = choose_scheme(n, c, t, a.shape[-1], d_out)
     ee = e.permute(1, 0, 2, 3)  # (N, C', T, d_out)
     if scheme == "per_sample":
-        return _gram_per_sample(a, ee)
+        return _gram_per_sample(a, ee, g)
     if t == 1:
-        return _gram_single_location(a[:, 0], ee[:, :, 0])
-    return _gram_pairs(a, ee)
+        return _gram_single_location(a[:, 0], ee[:, :, 0], None if g is None else g[:, 0])
+    return _pairs_rows(a, ee, a, ee, g)
 
 
-def _gram_single_location(a: Tensor, e: Tensor) -> Tensor:
-    """T = 1: ``K = (A Aᵀ ⊗ 1 1ᵀ) ∘ (E Eᵀ)`` with ``a (N, d)``, ``e (N, C', o)``."""
+def _gram_single_location(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """T = 1: ``K = (A Aᵀ ⊗ 1 1ᵀ) ∘ (E Eᵀ)`` with ``a (N, d)``, ``e (N, C', o)``; with
+    gradient rows ``g (N, o)`` also ``Σ_m (A Aᵀ)_nm (e_nc·g_m)``.
+
+    Both symmetric products are formed from their lower block triangles only and
+    mirrored (:data:`SYMMETRIC_BLOCKS`)."""
     n, c, o = e.shape
     flat = e.reshape(n * c, o)
     out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
-    aa = a @ a.T
-    step = _rows_per_chunk(n * c, a.element_size())
+    cross = None if g is None else a.new_empty(n * c)
+    row_bytes = c * (n * c + (0 if g is None else n))
+    block = max(-(-n // SYMMETRIC_BLOCKS), SYMMETRIC_MIN_ROWS)
+    step = min(_rows_per_chunk(row_bytes, a.element_size()), block)
+    aa = _symmetric_product(a, step)
     for i in range(0, n, step):
         j = min(i + step, n)
-        block = (flat[i * c : j * c] @ flat.T).view(j - i, c, n, c)
-        block.mul_(aa[i:j, None, :, None])
-        out[i * c : j * c] = block.view((j - i) * c, n * c)
+        rows = flat[i * c : j * c]
+        block = (rows @ flat[: j * c].T).view(j - i, c, j, c)
+        block.mul_(aa[i:j, None, :j, None])
+        out[i * c : j * c, : j * c] = block.view((j - i) * c, j * c)
+        out[: i * c, i * c : j * c] = out[i * c : j * c, : i * c].T
+        if cross is not None:
+            eg = (rows @ g.T).view(j - i, c, n)
+            cross[i * c : j * c] = (eg * aa[i:j, None, :]).sum(-1).reshape(-1)
+    return out, cross
+
+
+def _symmetric_product(x: Tensor, step: int) -> Tensor:
+    """``x xᵀ`` for ``x (M, d)`` from its lower block triangle (row blocks of ``step``)."""
+    m = x.shape[0]
+    out = x.new_empty(m, m)
+    for i in range(0, m, step):
+        j = min(i + step, m)
+        out[i:j, :j] = x[i:j] @ x[:j].T
+        out[:i, i:j] = out[i:j, :i].T
     return out
 
 
-def _gram_pairs(a: Tensor, e: Tensor) -> Tensor:
-    """Location-pair double sum with ``a (N, T, d)``, ``e (N, C', T, o)``."""
-    return _pairs_rows(a, e, a, e)
-
-
-def _pairs_rows(a_rows: Tensor, e_rows: Tensor, a_all: Tensor, e_all: Tensor) -> Tensor:
+def _pairs_rows(
+    a_rows: Tensor, e_rows: Tensor, a_all: Tensor, e_all: Tensor, g_all: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Rows ``K[(n,c), :]`` of the location-pair double sum for the samples of ``a_rows
-    (b, T, d)``, ``e_rows (b, C', T, o)`` against ``a_all (N, T, d)``, ``e_all (N, C', T, o)``."""
+    (b, T, d)``, ``e_rows (b, C', T, o)`` against ``a_all (N, T, d)``, ``e_all (N, C', T, o)``;
+    with gradient rows ``g_all (N, T, o)`` also the rows' ``Σ_m Σ_tt' (ā·ā')(e·g)``."""
     b_all, c, t, o = e_rows.shape
     n = a_all.shape[0]
     e_flat = e_all.reshape(n * c * t, o)
+    cols = e_flat if g_all is None else torch.cat([e_flat, g_all.reshape(n * t, o)])
     a_flat = a_all.reshape(n * t, a_all.shape[-1])
     out = torch.empty(b_all * c, n * c, dtype=a_rows.dtype, device=a_rows.device)
-    step = _rows_per_chunk(c * t * n * c * t, a_rows.element_size())
+    cross = None if g_all is None else a_rows.new_empty(b_all * c)
+    step = _rows_per_chunk(c * t * cols.shape[0], a_rows.element_size())
     for i in range(0, b_all, step):
         j = min(i + step, b_all)
         b = j - i
-        ee = (e_rows[i:j].reshape(b * c * t, o) @ e_flat.T).view(b, c, t, n, c, t)
+        prod = e_rows[i:j].reshape(b * c * t, o) @ cols.T
+        ee = prod[:, : n * c * t].view(b, c, t, n, c, t)
         aa = (a_rows[i:j].reshape(b * t, -1) @ a_flat.T).view(b, t, n, t)
         if t == 1:
             block = ee[:, :, 0, :, :, 0] * aa[:, 0, :, 0].view(b, 1, n, 1)
         else:
             block = torch.einsum("bxtmys,btms->bxmy", ee, aa)
         out[i * c : j * c] = block.reshape(b * c, n * c)
-    return out
+        if cross is not None:
+            eg = prod[:, n * c * t :].view(b, c, t, n, t)
+            cross[i * c : j * c] = torch.einsum("bxtms,btms->bx", eg, aa).reshape(-1)
+    return out, cross
 
 
 def gram_rows(a_rows: Tensor, e_rows: Tensor, a_all: Tensor, e_all: Tensor, scheme: str) -> Tensor:
@@ -126,7 +186,7 @@ def gram_rows(a_rows: Tensor, e_rows: Tensor, a_all: Tensor, e_all: Tensor, sche
     """
     er, ea = e_rows.permute(1, 0, 2, 3), e_all.permute(1, 0, 2, 3)  # (., C', T, o)
     if scheme == "pairs":
-        return _pairs_rows(a_rows, er, a_all, ea)
+        return _pairs_rows(a_rows, er, a_all, ea)[0]
     check_choice("scheme", scheme, ("pairs", "per_sample"))
     b, c = er.shape[:2]
     g_all = per_sample_gradients(a_all, ea).reshape(a_all.shape[0] * c, -1)
@@ -144,17 +204,24 @@ def per_sample_gradients(a: Tensor, e: Tensor) -> Tensor:
     return torch.einsum("ncto,ntk->ncok", e, a)
 
 
-def _gram_per_sample(a: Tensor, e: Tensor) -> Tensor:
+def _gram_per_sample(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Gram of the per-sample gradients of ``a (N, T, d)``, ``e (N, C', T, o)``; with
+    gradient rows ``g (N, T, o)`` also their products with the gradient ``Σ_nt g_nt ā_ntᵀ``."""
     n, c, _, o = e.shape
     d = a.shape[-1]
     out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
+    grad = None if g is None else torch.einsum("nto,ntk->ok", g, a).reshape(-1)
     step = _rows_per_chunk(c * o * d, a.element_size())
     if step >= n:
-        g = per_sample_gradients(a, e).reshape(n * c, o * d)
-        return torch.mm(g, g.T, out=out)
+        u = per_sample_gradients(a, e).reshape(n * c, o * d)
+        torch.mm(u, u.T, out=out)
+        return out, None if grad is None else u @ grad
+    cross = None if grad is None else a.new_empty(n * c)
     chunks = [(i, min(i + step, n)) for i in range(0, n, step)]
     for i, j in chunks:
         gi = per_sample_gradients(a[i:j], e[i:j]).reshape((j - i) * c, o * d)
+        if cross is not None:
+            cross[i * c : j * c] = gi @ grad
         for k, m in chunks:
             if k < i:
                 continue
@@ -162,4 +229,4 @@ def _gram_per_sample(a: Tensor, e: Tensor) -> Tensor:
             block = gi @ gk.T
             out[i * c : j * c, k * c : m * c] = block
             out[k * c : m * c, i * c : j * c] = block.T
-    return out
+    return out, cross

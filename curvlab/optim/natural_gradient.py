@@ -70,6 +70,7 @@ class NaturalGradient(CurvatureOptimizer):
         )
         super().__init__(model, loss_fn, defaults, fisher, mc_samples, generator)
         self._fisher: ExactFisher | BlockDiagFisher | None = None
+        self._fisher_grad: Tensor | None = None
 
     def _wants_curvature(self, k: int) -> bool:
         return True
@@ -77,7 +78,11 @@ class NaturalGradient(CurvatureOptimizer):
     def _update_curvature(self, capt: Capture, k: int) -> None:
         kind = ExactFisher if self.structure == "full" else BlockDiagFisher
         self._fisher = kind(capt, memory_budget=self.memory_budget)
+        self._fisher_grad = capt.grad
 
     def _precondition(self, grad: Tensor, group: dict[str, Any]) -> Tensor:
-        fisher, self._fisher = self._fisher, None
+        fisher, own = self._fisher, grad is self._fisher_grad
+        self._fisher = self._fisher_grad = None
+        if own:  # the curvature batch is the gradient's: the cheaper, equal route
+            return fisher.natural_gradient(group["damping"])
         return fisher.solve(grad, group["damping"])
