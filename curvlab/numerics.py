@@ -23,6 +23,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# A symmetric product is formed from its lower block triangle: with k row blocks, (k + 1) / 2k
+# of the full product's work.  At most 8 blocks of at least 64 rows (smaller products lose
+# more in matmul efficiency than they save).
+SYMMETRIC_BLOCKS, SYMMETRIC_MIN_ROWS = 8, 64
+
+
+def symmetric_block_rows(m: int) -> int:
+    """Rows per block of :func:`symmetric_mm` for an ``m x m`` result."""
+    return max(-(-m // SYMMETRIC_BLOCKS), SYMMETRIC_MIN_ROWS)
+
+
+def symmetric_mm(x: Tensor, block_rows: int | None = None) -> Tensor:
+    """``x xᵀ`` for ``x (M, d)``, computed on its lower block triangle and mirrored.
+
+    Args:
+        x: Rows ``(M, d)`` (any strides, e.g. the transpose of a data matrix).
+        block_rows: Rows per block (default :func:`symmetric_block_rows`).
+    """
+    m = x.shape[0]
+    step = symmetric_block_rows(m) if block_rows is None else block_rows
+    out = x.new_empty(m, m)
+    for i in range(0, m, step):
+        j = min(i + step, m)
+        out[i:j, :j] = x[i:j] @ x[:j].T
+        out[:i, i:j] = out[i:j, :i].T
+    return out
+
+
 def check_finite(x: Tensor, what: str, hint: str = "") -> None:
     """Raise :class:`NonFiniteError` if ``x`` has NaN or Inf entries.
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from curvlab.capture import LayerCapture
 from curvlab.errors import SingularMatrixError
 from curvlab.layers import LayerInfo
-from curvlab.numerics import SOLVE_DTYPE, check_finite, compute_dtype
+from curvlab.numerics import SOLVE_DTYPE, check_finite, compute_dtype, symmetric_mm
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -37,7 +37,7 @@ def input_factor_sum(a: Tensor, approx: str = "expand") -> tuple[Tensor, int]:
     if approx == "reduce":
         a = a.mean(dim=1, keepdim=True)
     flat = a.reshape(-1, a.shape[-1]).to(compute_dtype(a.dtype))
-    return (flat.T @ flat).to(SOLVE_DTYPE), a.shape[1]
+    return symmetric_mm(flat.T).to(SOLVE_DTYPE), a.shape[1]
 
 
 def input_factor(a: Tensor, approx: str = "expand") -> Tensor:
@@ -51,7 +51,7 @@ def grad_factor(e: Tensor, scale: float, approx: str = "expand") -> Tensor:
     if approx == "reduce":
         e = e.sum(dim=2, keepdim=True)
     flat = e.reshape(-1, e.shape[-1]).to(compute_dtype(e.dtype))
-    return scale * (flat.T @ flat).to(SOLVE_DTYPE)
+    return scale * symmetric_mm(flat.T).to(SOLVE_DTYPE)
 
 
 @dataclass

@@ -22,13 +22,9 @@ import torch
 from torch import Tensor
 
 from curvlab.config import options
-from curvlab.numerics import check_choice
+from curvlab.numerics import check_choice, symmetric_block_rows, symmetric_mm
 
 SCHEMES = ("auto", "pairs", "per_sample")
-# A symmetric product is formed from its lower block triangle: with k row blocks, (k + 1) / 2k
-# of the full product's work.  At most 8 blocks of at least 64 rows (smaller products lose
-# more in matmul efficiency than they save).
-SYMMETRIC_BLOCKS, SYMMETRIC_MIN_ROWS = 8, 64
 
 
 def scheme_costs(n: int, c: int, t: int, d_in: int, d_out: int) -> dict[str, float]:
@@ -109,15 +105,14 @@ def _gram_single_location(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tenso
     gradient rows ``g (N, o)`` also ``Σ_m (A Aᵀ)_nm (e_nc·g_m)``.
 
     Both symmetric products are formed from their lower block triangles only and
-    mirrored (:data:`SYMMETRIC_BLOCKS`)."""
+    mirrored (:func:`~curvlab.numerics.symmetric_mm`)."""
     n, c, o = e.shape
     flat = e.reshape(n * c, o)
     out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
     cross = None if g is None else a.new_empty(n * c)
     row_bytes = c * (n * c + (0 if g is None else n))
-    block = max(-(-n // SYMMETRIC_BLOCKS), SYMMETRIC_MIN_ROWS)
-    step = min(_rows_per_chunk(row_bytes, a.element_size()), block)
-    aa = _symmetric_product(a, step)
+    step = min(_rows_per_chunk(row_bytes, a.element_size()), symmetric_block_rows(n))
+    aa = symmetric_mm(a, step)
     for i in range(0, n, step):
         j = min(i + step, n)
         rows = flat[i * c : j * c]
@@ -129,17 +124,6 @@ def _gram_single_location(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tenso
             eg = (rows @ g.T).view(j - i, c, n)
             cross[i * c : j * c] = (eg * aa[i:j, None, :]).sum(-1).reshape(-1)
     return out, cross
-
-
-def _symmetric_product(x: Tensor, step: int) -> Tensor:
-    """``x xᵀ`` for ``x (M, d)`` from its lower block triangle (row blocks of ``step``)."""
-    m = x.shape[0]
-    out = x.new_empty(m, m)
-    for i in range(0, m, step):
-        j = min(i + step, m)
-        out[i:j, :j] = x[i:j] @ x[:j].T
-        out[:i, i:j] = out[i:j, :i].T
-    return out
 
 
 def _pairs_rows(
