@@ -12,6 +12,7 @@ runs in a fresh process (peak memory = the peak-RSS delta of the first call, see
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), constrained_layout=True)
     for col, (sweep_name, xkey, xlabel) in enumerate(
@@ -92,22 +94,24 @@ def plot(rows: list[dict], path: Path) -> None:
             key=lambda r: r[xkey],
         )
         xs = [r[xkey] for r in sel]
-        ax = axes[0, col]
-        ax.loglog(xs, [r["curvlab_s"] for r in sel], "o-", label="curvlab exact NG (MC)")
-        ax.loglog(xs, [r["plain_s"] for r in sel], "s--", label="plain gradient")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("time [s]")
-        ax.legend()
-        ax.grid(True, which="both", alpha=0.3)
-        ax = axes[1, col]
-        ax.loglog(
-            xs, [max(r["curvlab_peak_mib"], 1e-1) for r in sel], "o-", label="curvlab exact NG (MC)"
+        # memory growth can be 0 (nothing allocated beyond the baseline): floor for log axes
+        panels = (
+            ("_s", "time [s]", 0.0),
+            ("_peak_mib", "peak memory above baseline [MiB]", 0.1),
         )
-        ax.loglog(xs, [max(r["plain_peak_mib"], 1e-1) for r in sel], "s--", label="plain gradient")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("peak memory above baseline [MiB]")
-        ax.legend()
-        ax.grid(True, which="both", alpha=0.3)
+        for row, (suffix, ylabel, floor) in enumerate(panels):
+            ax = axes[row, col]
+            for method, style, label in (
+                ("curvlab", "o-", "curvlab exact NG (MC)"),
+                ("plain", "s--", "plain gradient"),
+            ):
+                ax.loglog(xs, [max(r[method + suffix], floor) for r in sel], style, label=label)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.legend()
+            ax.grid(True, which="both", alpha=0.3)
     fig.suptitle("Benzing MLP 784-w-w-w-10, CPU, 2 threads")
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -134,7 +138,16 @@ def main(argv: list[str]) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--name", default="scaling")
     p.add_argument("--plot", default=str(Path(__file__).resolve().parent / "scaling.png"))
+    p.add_argument(
+        "--replot", action="store_true", help="redraw --plot from results/<name>.json, no timing"
+    )
     args = p.parse_args(argv)
+    if args.replot:
+        plot(
+            json.loads((C.RESULTS_DIR / f"{args.name}.json").read_text())["merged"], Path(args.plot)
+        )
+        print(f"redrew {args.plot}")
+        return
     if args.quick:
         C.QUIET_MAX_WAIT = 0.0
         args.n, args.widths, args.repeats = [16, 32], [16, 32], 2
