@@ -212,7 +212,7 @@ def capture(
     )
 
     records: list[LayerCapture] = []
-    grads: list[Tensor] = []
+    grad = f.new_empty(sum(info.num_params for info in layers)) if gradient else None
     for info, g in zip(layers, layer_grads):
         x, out = saved[info.name]
         if g is None:
@@ -223,11 +223,11 @@ def capture(
         e = rows[:1] / (scale * math.sqrt(c)) if empirical else rows[1:]
         locations = tuple(out.shape[1:-1] if info.kind == "linear" else out.shape[2:])
         records.append(LayerCapture(info, a, e, rows[0], locations))
-        if gradient:
-            grads.append(info.to_flat(torch.einsum("nto,ntk->ok", rows[0], a)).reshape(-1))
+        if grad is not None:
+            info.weight_product(rows[0], a, out=grad[info.slice])
     return Capture(
         layers=records,
-        grad=torch.cat(grads) if gradient else None,
+        grad=grad,
         columns=cols,
         scale=scale,
         loss=float(loss.detach()),

@@ -206,3 +206,56 @@ def test_output_locations_are_recorded():
     capt = curvlab.capture(model, torch.nn.CrossEntropyLoss(), X, y, fisher="exact")
     assert [lc.locations for lc in capt.layers] == [(4,), (3,), ()]
     assert all(lc.a.shape[1] == math.prod(lc.locations) for lc in capt.layers)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(3, 4, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 0), bias=False),
+        nn.Conv2d(3, 4, 3, padding="same", dilation=2),
+        nn.Conv2d(3, 4, (2, 4), padding="same"),
+        nn.Conv2d(3, 4, 2, padding="valid", stride=3),
+        nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=2),
+        nn.Conv1d(3, 4, 4, padding="same", bias=False),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_unfold_matches_im2col(conv, channels_last):
+    """Patch rows equal torch's im2col (``F.unfold``, the bias column appended), for
+    strides, dilations, asymmetric and 'same'/'valid' padding and strided inputs."""
+    import torch.nn.functional as F
+
+    from curvlab.layers import find_layers
+
+    one_d = isinstance(conv, nn.Conv1d)
+    x = torch.randn(5, 3, 9, 11, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if one_d:
+        x = x[:, :, 0]
+    conv = conv.double()
+    (info,) = find_layers(conv)
+    x2 = x.unsqueeze(-2) if one_d else x
+    kernel = (1, *conv.kernel_size) if one_d else conv.kernel_size
+    dilation = (1, *conv.dilation) if one_d else conv.dilation
+    stride = (1, *conv.stride) if one_d else conv.stride
+    if isinstance(conv.padding, str):
+        pads = []
+        for k, d in zip(reversed(kernel), reversed(dilation)):
+            total = d * (k - 1) if conv.padding == "same" else 0
+            pads += [total // 2, total - total // 2]
+        x2, padding = F.pad(x2, pads), 0
+    else:
+        padding = (0, *conv.padding) if one_d else conv.padding
+    cols = F.unfold(x2, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    if conv.bias is not None:
+        cols = torch.cat([cols, torch.ones(*cols.shape[:2], 1, dtype=cols.dtype)], dim=-1)
+    got = info.unfold(x)
+    assert got.shape == cols.shape
+    assert torch.equal(got, cols)
+    # the rows reproduce the layer: W̄ ā = conv(x) at every output location
+    out = conv(x).flatten(2).transpose(1, 2)
+    w_bar = info.to_matrix(torch.cat([p.detach().reshape(-1) for p in conv.parameters()]))
+    assert torch.allclose(got @ w_bar.T, out, rtol=1e-12, atol=1e-12)
