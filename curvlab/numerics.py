@@ -46,7 +46,7 @@ def symmetric_mm(x: Tensor, block_rows: int | None = None) -> Tensor:
     out = x.new_empty(m, m)
     for i in range(0, m, step):
         j = min(i + step, m)
-        out[i:j, :j] = x[i:j] @ x[:j].T
+        torch.mm(x[i:j], x[:j].T, out=out[i:j, :j])
         out[:i, i:j] = out[i:j, :i].T
     return out
 

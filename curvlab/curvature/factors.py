@@ -43,7 +43,7 @@ def input_factor_sum(a: Tensor, approx: str = "expand") -> tuple[Tensor, int]:
 def input_factor(a: Tensor, approx: str = "expand") -> Tensor:
     """``A`` of shape ``(d_in_h, d_in_h)`` in float64 from ``a (N, T, d_in_h)``."""
     total, rows = input_factor_sum(a, approx)
-    return total / (a.shape[0] * rows)
+    return total.div_(a.shape[0] * rows)
 
 
 def grad_factor(e: Tensor, scale: float, approx: str = "expand") -> Tensor:
@@ -51,7 +51,7 @@ def grad_factor(e: Tensor, scale: float, approx: str = "expand") -> Tensor:
     if approx == "reduce":
         e = e.sum(dim=2, keepdim=True)
     flat = e.reshape(-1, e.shape[-1]).to(compute_dtype(e.dtype))
-    return scale * symmetric_mm(flat.T).to(SOLVE_DTYPE)
+    return symmetric_mm(flat.T).to(SOLVE_DTYPE).mul_(scale)
 
 
 @dataclass

@@ -116,9 +116,8 @@ def _gram_single_location(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tenso
     for i in range(0, n, step):
         j = min(i + step, n)
         rows = flat[i * c : j * c]
-        block = (rows @ flat[: j * c].T).view(j - i, c, j, c)
-        block.mul_(aa[i:j, None, :j, None])
-        out[i * c : j * c, : j * c] = block.view((j - i) * c, j * c)
+        block = torch.mm(rows, flat[: j * c].T, out=out[i * c : j * c, : j * c])
+        block.view(j - i, c, j, c).mul_(aa[i:j, None, :j, None])
         out[: i * c, i * c : j * c] = out[i * c : j * c, : i * c].T
         if cross is not None:
             eg = (rows @ g.T).view(j - i, c, n)
