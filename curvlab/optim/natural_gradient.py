@@ -11,7 +11,9 @@ so one step without momentum, weight decay or clipping is
 gradient's own mini-batch; ``step(..., curvature_batch=(x, y))`` estimates ``F`` on an
 independent batch instead (App. I.5: then ``F̂⁻¹`` and ``ĝ`` are independent, which
 removes the bias of estimating both from the same samples).  The Gram matrix is
-rebuilt at every step and released after it.
+rebuilt at every step and released after it.  When ``B`` is the gradient's own batch the
+direction comes from ``natural_gradient(λ)`` (the same vector, computed from the
+gradient's output rows with fewer ``P``-sized products).
 """
 
 from __future__ import annotations
