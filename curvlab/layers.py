@@ -88,8 +88,8 @@ class LayerInfo:
     def weight_product(self, rows: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
         """``Σ_nt rows_nt ā_ntᵀ`` as this layer's flat slice ``(num_params,)``.
 
-        The layer gradient's shape of product (``rows`` = output gradients), computed
-        as one matrix product and written straight into the flat layout.
+        With ``rows`` the output gradients this is the layer's gradient.  One matrix
+        product (the bias part as a row sum), written straight into the flat layout.
 
         Args:
             rows: Output rows ``(N, T, d_out)``.

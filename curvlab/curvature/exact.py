@@ -233,7 +233,7 @@ class GramFisher(Curvature):
                 eg = torch.einsum("cnto,mso->nctms", e, g)
                 part = torch.einsum("nctms,ntms->nc", eg, aa)
             else:
-                w_g = lc.info.to_matrix(lc.info.weight_product(g, a))
+                w_g = g.reshape(-1, d_out).T @ a.reshape(-1, d_in)  # [W | b] of ∇_l
                 part = torch.einsum("cnto,nto->nc", e, a @ w_g.T)
             utg += part.reshape(-1).double()
         return utg
