@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from curvlab.cli import main
-from curvlab.train_cli import resolve_train_config, run_train
+from curvlab.cli.train import resolve_train_config, run_train
 
 SMALL = [
     "train",

@@ -1,26 +1,14 @@
-"""The ``curvlab`` command line.
+"""``curvlab compare`` / ``spectra`` / ``damping`` / ``kfc``: options, checks and the run.
 
-Commands:
-
-* ``curvlab compare``: every comparison section for one or more models on one batch,
-  written as a report (report.md, report.html, results.json, results.csv, figures/).
-  Without options it runs the built-in problem: an MLP and two small CNNs (max- and
-  average-pooling) on scikit-learn's digits, nothing downloaded.
-* ``curvlab spectra`` / ``curvlab damping`` / ``curvlab kfc``: the same with only the
-  spectra, the damping sweep, or the KFC assumption checks (default models: the two
-  CNNs).
-* ``curvlab train``: training trajectories of several methods from the same start,
-  with per-step compare diagnostics along one of them (:mod:`curvlab.train_cli`).
-* ``curvlab list``: the valid methods, models, datasets, Fisher types and sections.
-
-Invalid options give a one-line error naming the valid choices and exit code 2.
+Each command compares methods on one batch for one or more models
+(:func:`curvlab.compare.compare`) and writes a report whose figures and text come from
+:mod:`curvlab.report.figures` and :mod:`curvlab.report.narrative`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,10 +16,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from curvlab.cli_common import (
+from curvlab.cli.common import (
     DTYPES,
     POOL,
-    Parser,
     UsageError,
     check_problem,
     device,
@@ -40,9 +27,7 @@ from curvlab.cli_common import (
     optional,
     run_and_report,
 )
-from curvlab.compare.figures import report_figures
 from curvlab.compare.methods import DEFAULT_METHODS, METHODS, check_methods
-from curvlab.compare.narrative import narrative
 from curvlab.compare.run import (
     DEFAULT_DAMPING,
     DEFAULT_LRS,
@@ -55,10 +40,10 @@ from curvlab.data import DATASETS, load_dataset
 from curvlab.losses import FISHER_TYPES
 from curvlab.models import MODELS
 from curvlab.records import Record
-from curvlab.train import TRAIN_METHODS
-from curvlab.train_cli import add_train_parser, resolve_train_config, run_train_command
+from curvlab.report.figures import report_figures
+from curvlab.report.narrative import narrative
 
-_COMMANDS = {
+COMMANDS = {
     # name: (help, sections, models, output folder)
     "compare": (
         "compare methods on every section (the default problem needs no options)",
@@ -87,32 +72,7 @@ _COMMANDS = {
 }
 
 
-_DESCRIPTION = """\
-Curvature diagnostics: compare the exact subsampled Fisher/GGN with block-diagonal,
-KFAC (heuristic and standard damping), FOOF, EKFAC and other approximations on one
-batch, from one forward and one backward pass per model, and write a report.
-
-sections (--sections):
-  cosine          cosine of update directions, every pair, per layer, Euclidean and
-                  in a curvature's inner product (--inner)
-  relative_error  ||C - F|| / ||F|| against the exact Fisher, per layer and network
-  spectrum        exact and approximate spectra, top-k eigenspace overlap
-  damping         over the λ grid: heuristic vs standard damping, KFAC vs FOOF,
-                  cross terms of heuristic damping, effective step sizes
-  progress        relative mini-batch loss decrease after one step of each method
-  kfc_check       KFC assumptions (IAD, SH, SUD) per conv layer, spatial correlations
-
-report (--out): report.md, report.html (self-contained), results.json (config,
-versions, device, seed, every record), results.csv, figures/ (PNG and PDF)."""
-
-_EPILOG = """\
-'curvlab compare' alone runs the built-in problem (an MLP and max-/average-pooling
-CNNs on scikit-learn's digits; nothing is downloaded). 'curvlab train' trains SGD,
-exact natural gradient, KFAC and FOOF on it. 'curvlab <command> --help'
-lists the options; 'curvlab list' the valid methods, models and datasets."""
-
-
-def _add_options(
+def add_compare_options(
     p: argparse.ArgumentParser, sections: Sequence[str], models: str, out: str
 ) -> None:
     g = p.add_argument_group("problem")
@@ -205,39 +165,6 @@ def _add_options(
         help="figure formats from png, pdf, svg; PNG and PDF are always written [default: png,pdf]",
     )
     o.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``curvlab`` argument parser with its subcommands."""
-    parser = Parser(
-        prog="curvlab",
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="command", parser_class=Parser)
-    for name, (help_text, sections, models, out) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_options(p, sections, models, out)
-    add_train_parser(sub)
-    sub.add_parser("list", help="list valid methods, models, datasets, Fisher types, sections")
-    return parser
-
-
-def _list() -> str:
-    lines = ["methods:"]
-    lines += [f"  {m.name:<15} {m.summary}" for m in METHODS.values()]
-    lines += [
-        f"models:   {', '.join(MODELS)} (or package.module:function)",
-        f"datasets: {', '.join(DATASETS)}",
-        f"fisher:   {', '.join(FISHER_TYPES)}",
-        f"sections: {', '.join(SECTIONS)}",
-        "training methods (curvlab train; default hyperparameters):",
-    ]
-    for name, (summary, _, defaults) in TRAIN_METHODS.items():
-        hp = ", ".join(f"{k}={v}" for k, v in defaults.items())
-        lines.append(f"  {name:<15} {summary} [{hp}]")
-    return "\n".join(lines)
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -368,35 +295,8 @@ def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
     return records
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``curvlab`` script; returns the exit code."""
-    parser = build_parser()
-    try:
-        args, unknown = parser.parse_known_args(argv)
-        if unknown:
-            where = f"curvlab {args.command}" if args.command else "curvlab"
-            raise UsageError(f"{where}: error: unrecognized arguments: {' '.join(unknown)}")
-        if args.command is None:
-            parser.print_help()
-            return 2
-        if args.command == "list":
-            print(_list())
-            return 0
-        if args.command == "train":
-            return run_train_command(args, resolve_train_config(args))
-        config = resolve_config(args)
-        return _run_command(args, config)
-    except UsageError as err:
-        message = str(err)
-        if not message.startswith("curvlab"):
-            message = f"curvlab {args.command}: error: {message}"
-        print(message.replace("\n", " "), file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-
-
-def _run_command(args: argparse.Namespace, config: dict[str, Any]) -> int:
+def run_compare_command(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    """Run a comparison command and write its report; returns the exit code."""
     return run_and_report(
         args,
         config,
