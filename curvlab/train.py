@@ -70,6 +70,11 @@ TRAIN_METHODS: dict[str, tuple[str, Callable[..., Any] | None, dict[str, Any]]] 
         {"lr": 0.03, "damping": 1e-3, "damping_mode": "standard"},
     ),
     "foof": ("FOOF, (A + λI)⁻¹ per layer", FOOF, {"lr": 0.3, "damping": 1e-3}),
+    "foof-kfac-damping": (
+        "FOOF with KFAC's A-side damping, (A + π√λ I)⁻¹ per layer",
+        FOOF,
+        {"lr": 0.1, "damping": 1e-3, "damping_mode": "heuristic"},
+    ),
     "two-level-kfac": (
         "KFAC plus the coarse-space correction",
         TwoLevelKFAC,
@@ -80,7 +85,8 @@ TRAIN_METHODS: dict[str, tuple[str, Callable[..., Any] | None, dict[str, Any]]] 
 """Built-in methods of :func:`stepper`: summary, optimizer and default hyperparameters.
 
 The defaults are the best of a small grid (lr x λ, 50 steps, batch 128) for the built-in
-MLP on the digits; tune them for other problems with :func:`grid_search`."""
+MLP on the digits (``foof-kfac-damping`` takes KFAC's); tune them for other problems
+with :func:`grid_search`."""
 
 
 def check_train_methods(names: Sequence[str]) -> list[str]:

@@ -50,6 +50,13 @@ def _dense_directions(problem, ref, lam: float) -> dict[str, torch.Tensor]:
     out = {m: torch.linalg.solve(D[m] + lam * eye, g) for m in ("exact", "blockdiag", "foof")}
     heuristic = torch.block_diag(*[R.kfac_heuristic_dense(r, ref.scale, lam) for r in ref.records])
     out["kfac"] = torch.linalg.solve(heuristic, g)
+    blocks = []
+    for r in ref.records:  # FOOF with KFAC's A-side damping: kron(I, A + π√λ I)
+        A, G = R.kfac_factors(r, ref.scale)
+        pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+        damped = A + pi * math.sqrt(lam) * torch.eye(A.shape[0], dtype=A.dtype)
+        blocks.append(R.wb_to_flat(torch.kron(torch.eye(r.d_out, dtype=A.dtype), damped), r))
+    out["foof-kfac-damping"] = torch.linalg.solve(torch.block_diag(*blocks), g)
     out["sgd"] = g
     return out
 
@@ -189,11 +196,17 @@ def test_overlap_of_a_subspace_with_itself_is_one():
     )
 
 
-def test_damping_records_match_dense():
+@pytest.mark.parametrize("foof", [None, "foof"])
+def test_damping_records_match_dense(foof):
+    """Default: the KFAC-vs-FOOF cosines use FOOF with KFAC's damping (Benzing, Fig. 3B)."""
     problem, analysis, ref = _setup("mlp_tanh", "ce-mean")
     grid = [1e-2, 1.0]
     methods = ["exact", "kfac", "kfac-standard", "foof", "sgd"]
-    records = damping_records(analysis, methods, grid)
+    if foof is None:
+        records, foof = damping_records(analysis, methods, grid), "foof-kfac-damping"
+    else:
+        records = damping_records(analysis, methods, grid, foof=foof)
+    assert {r.reference for r in records if r.metric == "cosine_foof"} == {foof}
     D = _dense(problem, ref)
     g = problem.grad()
     for lam in grid:
@@ -205,9 +218,9 @@ def test_damping_records_match_dense():
             if r.metric == "cosine" and r.reference == "exact":
                 assert abs(r.value - _cos(dirs[r.method], dirs["exact"])) <= RTOL
             elif r.metric in ("cosine", "cosine_foof"):
-                assert r.reference == "foof" and r.method in ("kfac", "kfac-standard")
+                assert r.reference == foof and r.method in ("kfac", "kfac-standard")
                 M = D["foof"] if r.metric == "cosine_foof" else None
-                assert abs(r.value - _cos(dirs[r.method], dirs["foof"], M)) <= RTOL
+                assert abs(r.value - _cos(dirs[r.method], dirs[foof], M)) <= RTOL
             elif r.metric == "effective_step_size":
                 s = (
                     slice(None)

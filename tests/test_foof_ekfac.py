@@ -61,6 +61,30 @@ def test_foof_solve_is_right_multiplication(problem):
             assert err <= RTOL, (r.name, lam, err)
 
 
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_foof_kfac_damping_against_dense(problem, fisher):
+    """Benzing's Fig. 3/4 FOOF: the same matrix A ⊗ I, solve = V (A + π√λ I)⁻¹ with KFAC's
+    π = sqrt((tr A / dim A) / (tr G / dim G)) of the same A and G (dense float64)."""
+    capt, ref = _setup(problem, fisher)
+    foof = curvlab.FOOF(capt, damping_mode="heuristic")
+    assert R.rel_err(foof.to_dense(), R.dense_foof(ref.records)) <= RTOL
+    v = R.random_vector(problem.P, seed=5)
+    for lam in DAMPINGS:
+        out = foof.solve(v, lam)
+        for r in ref.records:
+            A, G = R.kfac_factors(r, ref.scale)
+            pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+            damped = A + pi * lam**0.5 * torch.eye(r.d_in_h, dtype=A.dtype)
+            expect = R.flat_to_wb(v[r.slice], r) @ torch.linalg.inv(damped)
+            err = R.rel_err(R.flat_to_wb(out[r.slice], r), expect)
+            assert err <= RTOL, (r.name, lam, err)
+
+
+def test_foof_damping_mode_is_checked():
+    with pytest.raises(ValueError, match="plain, heuristic"):
+        curvlab.FOOF(get_problem("mlp_tanh", "ce-mean").capture("exact"), "standard")
+
+
 def test_foof_independent_of_fisher_type():
     p = get_problem("conv2d_stride", "bce-mean")
     dense = [

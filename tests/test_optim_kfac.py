@@ -95,6 +95,51 @@ def test_foof_step_equals_solve(model_name):
     assert R.rel_err(step_of(opt, prob), expect) < TOL
 
 
+@pytest.mark.parametrize("ema_decay", [0.95, 0.0])
+def test_foof_kfac_damping_step(ema_decay):
+    """The heuristic damping ``(Â + π√λ I)⁻¹`` with π from the optimizer's own Â and Ĝ:
+    a step equals ``−lr ∇W (A + π√λ I)⁻¹`` of a dense float64 reference (first step), and
+    after two steps its π is KFAC's π of the same moving averages."""
+    prob = build_problem("mlp_mixed_bias", "ce-mean")
+    lr, lam = 0.5, 0.03
+    capt = prob.capture("mc", generator=mc_generator(5))
+    opt = FOOF(
+        copy.deepcopy(prob.model),
+        prob.loss_fn,
+        lr=lr,
+        damping=lam,
+        damping_mode="heuristic",
+        ema_decay=ema_decay,
+        generator=mc_generator(5),
+    )
+    step = step_of(opt, prob)
+    for rec in prob.ref("mc", capt).records:
+        A, G = R.kfac_factors(rec, prob.scale)
+        pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+        damped = A + pi * lam**0.5 * torch.eye(A.shape[0], dtype=A.dtype)
+        expect = -lr * R.flat_to_wb(capt.grad[rec.slice], rec) @ torch.linalg.inv(damped)
+        assert R.rel_err(R.flat_to_wb(step[rec.slice], rec), expect) < TOL
+    other = build_problem("mlp_mixed_bias", "ce-mean", n=7, seed=3)
+    pair = [
+        cls(
+            copy.deepcopy(prob.model),
+            prob.loss_fn,
+            lr=0.0,
+            damping=lam,
+            ema_decay=ema_decay,
+            generator=mc_generator(5),
+            **extra,
+        )
+        for cls, extra in ((KFAC, {}), (FOOF, {"damping_mode": "heuristic"}))
+    ]
+    for o in pair:
+        for batch in ((prob.X, prob.y), (other.X, other.y)):
+            o.step(*batch)
+    kfac, foof = pair
+    for name, blk in foof.preconditioner.blocks.items():
+        assert abs(blk.pi - kfac.factors[name].pi) <= 1e-12 * kfac.factors[name].pi
+
+
 def batches(n: int):
     """``n`` batches of the same model (same weights), different inputs."""
     return [build_problem("mlp_tanh", "ce-mean", n=5 + j, seed=j) for j in range(n)]

@@ -5,8 +5,11 @@ Metrics, each recorded per λ:
 * ``"cosine"`` (reference = the comparison's reference, network): every method's
   direction against the reference's, e.g. KFAC with heuristic vs standard damping
   against the exact natural gradient (Benzing 2022, Fig. 3A);
-* ``"cosine"`` and ``"cosine_foof"`` (reference ``"foof"``, network): every KFAC
-  variant against FOOF, Euclidean and in FOOF's inner product ``A ⊗ I`` (Fig. 3B);
+* ``"cosine"`` and ``"cosine_foof"`` (reference = the FOOF variant ``foof``, network;
+  when the methods include a FOOF variant): every KFAC variant against FOOF, Euclidean
+  and in FOOF's inner product ``A ⊗ I`` (Fig. 3B).  By default FOOF is the paper's,
+  ``foof-kfac-damping`` (``∇W (A + π√λ I)⁻¹``, KFAC's own A-side damping); ``"foof"``
+  (``A + λI``) is nearly undamped next to it once π grows during training;
 * ``"cross_terms_ratio"`` (per layer and network, KFAC variants with heuristic
   damping): ``‖π√λ I⊗G + A⊗(√λ/π) I‖_F / ‖λ I‖_F`` — how much the factored
   Tikhonov damping ``(A + π√λ I) ⊗ (G + √λ/π I)`` adds beyond ``A ⊗ G + λI``;
@@ -24,8 +27,12 @@ import torch
 
 from curvlab.compare.analysis import Analysis
 from curvlab.compare.cosine import cosine_matrix
+from curvlab.curvature.foof import FOOF
 from curvlab.curvature.kfac import KFAC
 from curvlab.records import NETWORK, Record
+
+FOOF_REFERENCE = "foof-kfac-damping"
+"""The FOOF of the KFAC-vs-FOOF cosines by default (Benzing 2022, App. D.9)."""
 
 
 def _kfac_variants(analysis: Analysis, methods: Sequence[str]) -> list[str]:
@@ -37,8 +44,10 @@ def damping_records(
     methods: Sequence[str],
     dampings: Sequence[float],
     reference: str = "exact",
+    foof: str = FOOF_REFERENCE,
 ) -> list[Record]:
-    """The records described in the module docstring, for every λ in ``dampings``."""
+    """The records described in the module docstring, for every λ in ``dampings``;
+    ``foof`` names the FOOF variant of the KFAC-vs-FOOF cosines."""
     records = []
     kfacs = _kfac_variants(analysis, methods)
     for lam in dampings:
@@ -49,18 +58,16 @@ def damping_records(
                 records.append(
                     Record("damping", "cosine", m, value, reference=reference, damping=lam)
                 )
-        if "foof" in methods:
-            foof_dir = analysis.direction("foof", lam)
+        if any(isinstance(analysis.curvature(m), FOOF) for m in methods):
+            foof_dir = analysis.direction(foof, lam)
             for m in kfacs:
                 pair = [analysis.direction(m, lam), foof_dir]
                 for metric, inner in (
                     ("cosine", None),
-                    ("cosine_foof", analysis.curvature("foof")),
+                    ("cosine_foof", analysis.curvature(foof)),
                 ):
                     value = float(cosine_matrix(pair, inner)[0, 1])
-                    records.append(
-                        Record("damping", metric, m, value, reference="foof", damping=lam)
-                    )
+                    records.append(Record("damping", metric, m, value, reference=foof, damping=lam))
         records += _cross_terms(analysis, kfacs, lam)
         records += _step_sizes(analysis, methods, lam)
     return records

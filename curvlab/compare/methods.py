@@ -4,20 +4,23 @@ Every method turns the mini-batch gradient ``g`` into an update direction
 ``d(λ) = method.solve(g, λ)`` (:meth:`curvlab.Curvature.solve`, so each method keeps
 its own damping rule):
 
-==================  ===========================================================
-``exact``           full-network Fisher/GGN, ``(F + λI)⁻¹ g`` (Woodbury)
-``blockdiag``       exact per-layer blocks, ``(F_ll + λI)⁻¹ g_l``
-``kfac``            KFAC/KFC "expand" with heuristic (factored Tikhonov) damping
-``kfac-standard``   the same ``A ⊗ G``, damped exactly: ``(A ⊗ G + λI)⁻¹``
-``kfac-reduce``     KFC "reduce" factors (differs from ``kfac`` on conv layers only)
-``kfac-backpack``   BackPACK's KFLR (exact Fisher) or KFAC (MC) factors, heuristic
-``foof``            FOOF, ``G_W (A + λI)⁻¹`` per layer
-``ekfac``           EKFAC, ``(C_EKFAC + λI)⁻¹ g``
-``sgd``             no curvature: the gradient itself
-==================  ===========================================================
+======================  ===========================================================
+``exact``               full-network Fisher/GGN, ``(F + λI)⁻¹ g`` (Woodbury)
+``blockdiag``           exact per-layer blocks, ``(F_ll + λI)⁻¹ g_l``
+``kfac``                KFAC/KFC "expand" with heuristic (factored Tikhonov) damping
+``kfac-standard``       the same ``A ⊗ G``, damped exactly: ``(A ⊗ G + λI)⁻¹``
+``kfac-reduce``         KFC "reduce" factors (differs from ``kfac`` on conv layers only)
+``kfac-backpack``       BackPACK's KFLR (exact Fisher) or KFAC (MC) factors, heuristic
+``foof``                FOOF, ``G_W (A + λI)⁻¹`` per layer
+``foof-kfac-damping``   FOOF with KFAC's A-side damping, ``G_W (A + π√λ I)⁻¹`` (Benzing
+                        2022, Fig. 3/4: "KFAC without G")
+``ekfac``               EKFAC, ``(C_EKFAC + λI)⁻¹ g``
+``sgd``                 no curvature: the gradient itself
+======================  ===========================================================
 
-Methods that share a curvature matrix (``kfac`` and ``kfac-standard``) have the same
-:attr:`Method.matrix`, so spectra and matrix errors are computed once for them.
+Methods that share a curvature matrix (``kfac`` and ``kfac-standard``; ``foof`` and
+``foof-kfac-damping``) have the same :attr:`Method.matrix`, so spectra and matrix errors
+are computed once for them.
 """
 
 from __future__ import annotations
@@ -112,6 +115,12 @@ _METHODS = (
         "kfac-backpack",
     ),
     Method("foof", "FOOF: ∇W (A + λI)⁻¹ per layer", lambda a: FOOF(a.capture), "foof"),
+    Method(
+        "foof-kfac-damping",
+        "FOOF with KFAC's A-side damping (Benzing 2022, Fig. 3/4): ∇W (A + π√λ)⁻¹",
+        lambda a: FOOF(a.capture, "heuristic"),
+        "foof",
+    ),
     Method("ekfac", "EKFAC: (C_EKFAC + λI)⁻¹ g", lambda a: EKFAC(a.capture), "ekfac"),
     Method("sgd", "no curvature: the gradient g", lambda a: None, "sgd"),
 )

@@ -1,11 +1,18 @@
 """FOOF (Benzing 2022): precondition with the input factor ``A`` alone.
 
 Per layer ``C_l = A ⊗ I`` (dense block ``kron(I_{d_out}, A)`` in the row-major
-``[W | b]`` layout), so ``solve`` gives ``ΔW̄ = ∇W̄ (A + λI)⁻¹``.  ``A`` is the KFAC
-input factor (:mod:`curvlab.curvature.factors`).
+``[W | b]`` layout); ``A`` is the KFAC input factor (:mod:`curvlab.curvature.factors`).
+Two damping rules for the same matrix:
+
+* ``"plain"``: ``ΔW̄ = ∇W̄ (A + λI)⁻¹`` (DESIGN.md);
+* ``"heuristic"``: ``ΔW̄ = ∇W̄ (A + π√λ I)⁻¹`` with KFAC's
+  ``π = sqrt((tr A / dim A) / (tr G / dim G))`` from the same ``A`` and ``G`` — KFAC's own
+  A-side damping, i.e. "KFAC without G", the FOOF of Benzing's Fig. 3 and 4 (App. D.9).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -13,23 +20,58 @@ from torch import Tensor
 from curvlab.capture import Capture
 from curvlab.curvature.base import LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
-from curvlab.curvature.factors import Eigen, input_factor
+from curvlab.curvature.factors import Eigen, LayerFactors, input_factor
 from curvlab.layers import LayerInfo
-from curvlab.numerics import compute_dtype
+from curvlab.numerics import check_choice, compute_dtype
+
+FOOF_DAMPING_MODES = ("plain", "heuristic")
 
 
-def foof_block(info: LayerInfo, a_factor: Tensor, dtype: torch.dtype) -> EigenBlock:
-    """The block ``A ⊗ I`` of one layer from its input factor ``A (d_in_h, d_in_h)``."""
+class FOOFBlock(EigenBlock):
+    """One layer's ``A ⊗ I``, damped as ``A + λI`` (``pi=None``) or ``A + π√λ I``.
+
+    Attributes:
+        pi: KFAC's heuristic ``π`` of the layer, or ``None`` for plain damping.
+    """
+
+    def __init__(self, info: LayerInfo, eig: Eigen, dtype: torch.dtype, pi: float | None = None):
+        ones = torch.ones(info.d_out, 1, dtype=eig.values.dtype, device=eig.values.device)
+        super().__init__(info, None, eig.vectors, ones * eig.values, dtype)
+        self.pi = pi
+
+    def denominator(self, damping: float) -> Tensor:
+        if self.pi is None:
+            return super().denominator(damping)
+        return self.d + self.pi * math.sqrt(damping)
+
+
+def foof_block(
+    info: LayerInfo, a_factor: Tensor, dtype: torch.dtype, pi: float | None = None
+) -> FOOFBlock:
+    """The block ``A ⊗ I`` of one layer from its input factor ``A (d_in_h, d_in_h)``;
+    ``pi`` switches on the heuristic damping ``A + π√λ I``."""
     eig = Eigen.of(a_factor, f"the input factor A of layer '{info.name}'")
-    ones = torch.ones(info.d_out, 1, dtype=eig.values.dtype, device=eig.values.device)
-    return EigenBlock(info, None, eig.vectors, ones * eig.values, dtype)
+    return FOOFBlock(info, eig, dtype, pi)
 
 
 class FOOF(LayerwiseCurvature):
-    """Block-diagonal ``⊕_l A_l ⊗ I``; ``solve(v, λ)`` = ``V (A + λI)⁻¹`` per layer."""
+    """Block-diagonal ``⊕_l A_l ⊗ I``; ``solve(v, λ)`` = ``V (A + λI)⁻¹`` per layer, or
+    ``V (A + π_l√λ I)⁻¹`` with ``damping_mode="heuristic"`` (module docstring).
 
-    def __init__(self, capture: Capture):
+    Args:
+        capture: The capture to read (its output gradients give ``G`` for ``π``).
+        damping_mode: ``"plain"`` (default) or ``"heuristic"``.
+    """
+
+    def __init__(self, capture: Capture, damping_mode: str = "plain"):
+        check_choice("damping_mode", damping_mode, FOOF_DAMPING_MODES)
+        self.damping_mode = damping_mode
         dtype = compute_dtype(capture.dtype)
-        super().__init__(
-            {lc.name: foof_block(lc.info, input_factor(lc.a), dtype) for lc in capture.layers}
-        )
+        blocks = {}
+        for lc in capture.layers:
+            if damping_mode == "plain":
+                blocks[lc.name] = foof_block(lc.info, input_factor(lc.a), dtype)
+            else:
+                factors = LayerFactors.of(lc, capture.scale)
+                blocks[lc.name] = FOOFBlock(lc.info, factors.eig_A, dtype, factors.pi)
+        super().__init__(blocks)

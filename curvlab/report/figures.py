@@ -57,9 +57,10 @@ def model_figures(df: pd.DataFrame, headline_damping: float, reference: str) -> 
     if _has(df, "spectrum", metric="eigenvalue", layer=NETWORK):
         figs["spectrum"] = plot_spectra(df, kind="rank")
         figs["spectrum_density"] = plot_spectra(df, kind="density")
+    foof_refs = df.loc[(df["section"] == "damping") & (df["metric"] == "cosine_foof"), "reference"]
     sweeps = (
         ("damping_cosine", ["cosine"], reference, False),
-        ("damping_foof", ["cosine", "cosine_foof"], "foof", False),
+        *(("damping_foof", ["cosine", "cosine_foof"], ref, False) for ref in foof_refs.unique()),
         ("damping_cross_terms", ["cross_terms_ratio"], None, True),
         ("damping_step_size", ["effective_step_size"], None, True),
     )
