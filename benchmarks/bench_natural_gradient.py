@@ -46,9 +46,9 @@ CLASSES = 10
 
 def curvlab_bytes(n: int, columns: int) -> int:
     """Estimated peak of curvlab's exact NG: the float64 Gram, its Cholesky factor and
-    one float32 assembly buffer (``ExactFisher``'s own budget check)."""
+    one float64 assembly buffer (``ExactFisher``'s own budget check)."""
     rows = n * columns
-    return (2 * 8 + 4) * rows * rows
+    return 3 * 8 * rows * rows
 
 
 def skip_reason(cfg: dict, n_params: int) -> str | None:

@@ -193,7 +193,7 @@ def gram_block_row(
         layers: Indices of the layers to include (default: all).
     """
     check_choice("scheme", scheme, SCHEMES)
-    dtype = compute_dtype(local.dtype)
+    dtype = SOLVE_DTYPE  # Grams are assembled in float64, as ExactFisher's
     c = local.num_columns
     out = torch.zeros(
         local.batch_size * c, gathered.batch_size * c, dtype=SOLVE_DTYPE, device=local.device
@@ -274,15 +274,15 @@ class DistributedExactFisher(ExactFisher):
 
     def _ut(self, v: Tensor) -> Tensor:
         mine = torch.zeros(self._rows.stop - self._rows.start, dtype=SOLVE_DTYPE, device=v.device)
-        for lc, mat in zip(self.local.layers, self._split(v)):
-            av = lc.a.to(self.dtype) @ mat.T  # (N_r, T, d_out)
-            mine += torch.einsum("cnto,nto->nc", lc.e.to(self.dtype), av).reshape(-1).double()
+        for lc, mat in zip(self.local.layers, self._split(v.to(SOLVE_DTYPE))):
+            av = lc.a.to(SOLVE_DTYPE) @ mat.T  # (N_r, T, d_out)
+            mine += torch.einsum("cnto,nto->nc", lc.e.to(SOLVE_DTYPE), av).reshape(-1)
         return all_gather_dim(mine, self._row_sizes, 0, self.group)
 
     def _u(self, coef: Tensor) -> Tensor:
-        cc = coef[self._rows].to(self.dtype).view(self.local.batch_size, -1)
+        cc = coef[self._rows].to(SOLVE_DTYPE).view(self.local.batch_size, -1)
         mine = self._contract(
-            lambda lc: torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype)), self.local.layers
+            lambda lc: torch.einsum("nc,cnto->nto", cc, lc.e.to(SOLVE_DTYPE)), self.local.layers
         )
         return all_reduce_sum(mine, self.group)
 

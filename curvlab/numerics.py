@@ -1,9 +1,10 @@
 """Dtype policy and small numerical helpers shared by the curvature objects.
 
-Policy (DESIGN.md): statistics (Grams, Kronecker factors) are accumulated in the
-*compute dtype* — the model's dtype, or float32 for half/bfloat16 models — and every
-solve and eigendecomposition runs in float64 (``SOLVE_DTYPE``).  Results return in the
-compute dtype.
+Policy (DESIGN.md): Kronecker factors are accumulated in the *compute dtype* — the
+model's dtype, or float32 for half/bfloat16 models; every solve and eigendecomposition
+runs in float64 (``SOLVE_DTYPE``), and so does the vector algebra around a Woodbury
+solve together with its Gram matrix (:mod:`curvlab.curvature.exact`).  Results return
+in the compute dtype.
 """
 
 from __future__ import annotations

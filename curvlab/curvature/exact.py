@@ -6,8 +6,17 @@ With ``U`` the ``P x (N C')`` matrix of per-column gradients and ``F = s U Uᵀ`
 
 where ``K = UᵀU`` is assembled layer by layer (:mod:`curvlab.curvature.gram`) and
 ``Uᵀ v`` / ``U c`` are computed from the captured inputs and output-gradients.  ``U``
-is never formed for the network.  :class:`ExactFisher` covers all layers;
-:class:`BlockDiagFisher` keeps only each layer's diagonal block.
+is never formed for the network.
+
+Numerics: ``K``, ``Uᵀ v``, ``U c`` and ``(v − U c)/λ`` are all computed in float64
+(the captured float32/half quantities promoted layer by layer); results return in the
+compute dtype.  ``K`` needs it as much as the vector algebra: ``K = UᵀU`` squares the
+condition number of ``U``, so float32 rounding in ``K`` costs up to ``cond(U)`` times
+the error that float32 data allow (measured 5–60x at small damping), while float64
+assembly keeps the solve within the accuracy of the captured data.
+
+:class:`ExactFisher` covers all layers; :class:`BlockDiagFisher` keeps only each
+layer's diagonal block.
 """
 
 from __future__ import annotations
@@ -66,12 +75,12 @@ class GramFisher(Curvature):
 
     def _check_budget(self, budget: int) -> None:
         cols = self.num_columns
-        need = cols * cols * (2 * 8 + torch.empty(0, dtype=self.dtype).element_size())
+        need = cols * cols * 3 * 8
         if need > budget:
             raise MemoryBudgetError(
                 f"the Gram matrix has N·C' = {cols} rows and columns and needs about "
                 f"{format_bytes(need)} (float64 Gram, its Cholesky factor and one "
-                f"assembly buffer), over the memory budget of {format_bytes(budget)}. "
+                f"float64 assembly buffer), over the memory budget of {format_bytes(budget)}. "
                 "Use a smaller batch, fisher='mc' (one column per sample), or raise the "
                 "budget (memory_budget=... or curvlab.config.options.memory_budget); "
                 "lower curvlab.config.options.chunk_bytes to shrink assembly temporaries."
@@ -94,11 +103,11 @@ class GramFisher(Curvature):
             torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device) if cross else None
         )
         for lc in self._layers:
-            a, e = lc.a.to(self.dtype), lc.e.to(self.dtype)
+            a, e = lc.a.to(SOLVE_DTYPE), lc.e.to(SOLVE_DTYPE)
             if utg is None:
                 total += layer_gram(a, e, self._scheme)
             else:
-                k, x = layer_gram_and_cross(a, e, lc.g.to(self.dtype), self._scheme)
+                k, x = layer_gram_and_cross(a, e, lc.g.to(SOLVE_DTYPE), self._scheme)
                 total += k
                 utg += x
         self._gram = total
@@ -117,40 +126,43 @@ class GramFisher(Curvature):
         return [lc.info.to_matrix(x) for lc, x in zip(self._layers, v.split(self._sizes))]
 
     def _ut(self, v: Tensor) -> Tensor:
-        """``Uᵀ v`` as a float64 vector of length ``N C'``, order ``(n, c)``."""
+        """``Uᵀ v`` as a float64 vector of length ``N C'``, order ``(n, c)``, computed in
+        float64 (``a``, ``e`` and ``v`` promoted layer by layer)."""
         out = torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
-        for lc, mat in zip(self._layers, self._split(v)):
-            av = lc.a.to(self.dtype) @ mat.T  # (N, T, d_out)
-            out += torch.einsum("cnto,nto->nc", lc.e.to(self.dtype), av).reshape(-1).double()
+        for lc, mat in zip(self._layers, self._split(v.to(SOLVE_DTYPE))):
+            av = lc.a.to(SOLVE_DTYPE) @ mat.T  # (N, T, d_out)
+            out += torch.einsum("cnto,nto->nc", lc.e.to(SOLVE_DTYPE), av).reshape(-1)
         return out
 
     def _u(self, coef: Tensor) -> Tensor:
-        """``U c`` for ``c`` of length ``N C'`` (order ``(n, c)``) as a flat vector."""
-        cc = coef.to(self.dtype).view(self._capture.batch_size, -1)
-        return self._contract(lambda lc: torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype)))
+        """``U c`` for ``c`` of length ``N C'`` (order ``(n, c)``) as a float64 flat vector."""
+        cc = coef.to(SOLVE_DTYPE).view(self._capture.batch_size, -1)
+        return self._contract(lambda lc: torch.einsum("nc,cnto->nto", cc, lc.e.to(SOLVE_DTYPE)))
 
     def _contract(
         self, rows: Callable[[LayerCapture], Tensor], layers: list[LayerCapture] | None = None
     ) -> Tensor:
         """The flat vector of ``Σ_nt r_nt ā_ntᵀ`` per layer, with ``r = rows(layer)``
-        ``(N, T, d_out)``, written layer by layer into one buffer.  ``layers`` (default:
-        this object's) must describe the same parameters as this object's layers."""
-        out = torch.empty(self.num_params, dtype=self.dtype, device=self.device)
+        ``(N, T, d_out)`` in float64, written layer by layer into one float64 buffer
+        (``ā`` promoted to float64).  ``layers`` (default: this object's) must describe
+        the same parameters as this object's layers."""
+        out = torch.empty(self.num_params, dtype=SOLVE_DTYPE, device=self.device)
         for lc, part in zip(self._layers if layers is None else layers, out.split(self._sizes)):
-            lc.info.weight_product(rows(lc), lc.a.to(self.dtype), out=part)
+            lc.info.weight_product(rows(lc), lc.a.to(SOLVE_DTYPE), out=part)
         return out
 
     def _mv(self, v: Tensor) -> Tensor:
-        return self.scale * self._u(self._ut(v))
+        return self._u(self._ut(v)).mul_(self.scale).to(self.dtype)
 
     def _solve(self, v: Tensor, damping: float) -> Tensor:
         if damping == 0:
             return self._solve_undamped(v)
         coef = torch.cholesky_solve(self._ut(v).unsqueeze(1), self._cholesky(damping))
-        # (v − U c) / λ in the buffer of U c: no further P-sized temporaries
+        # (v − U c) / λ in float64, in the buffer of U c (v − U c cancels where v lies
+        # in the range of U, which is where a float32 difference would lose its digits)
         out = self._u(coef.squeeze(1))
-        torch.sub(v, out, out=out)
-        return out.div_(damping)
+        torch.sub(v.to(SOLVE_DTYPE), out, out=out)
+        return out.div_(damping).to(self.dtype)
 
     def _cholesky(self, damping: float) -> Tensor:
         """Lower Cholesky factor of ``λ/s·I + K`` (float64), cached per damping.
@@ -208,25 +220,25 @@ class GramFisher(Curvature):
         else:
             utg = self._utg()
         coef = torch.cholesky_solve(utg.unsqueeze(1), self._cholesky(lam)).squeeze(1)
-        cc = coef.to(self.dtype).view(self._capture.batch_size, -1)
+        cc = coef.view(self._capture.batch_size, -1)
         return self._contract(
             lambda lc: (
-                torch.einsum("nc,cnto->nto", cc, lc.e.to(self.dtype))
+                torch.einsum("nc,cnto->nto", cc, lc.e.to(SOLVE_DTYPE))
                 .neg_()
-                .add_(lc.g.to(self.dtype))
+                .add_(lc.g.to(SOLVE_DTYPE))
                 .div_(lam)
             )
-        )
+        ).to(self.dtype)
 
     def _utg(self) -> Tensor:
         """``Uᵀ∇L`` from the gradient rows when ``K`` is already assembled: per layer
         ``Σ_m Σ_tt' (ā_nt·ā_mt')(e_nct·g_mt')`` when that is cheaper than
         ``Σ_t e_nct · (∇_l ā_nt)`` with the layer gradient ``∇_l`` (the chosen branch's
-        temporaries are at most twice the size of ``a`` and ``g``)."""
+        temporaries are at most twice the size of ``a`` and ``g``), in float64."""
         n, c = self._capture.batch_size, self._capture.num_columns
         utg = torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
         for lc in self._layers:
-            a, e, g = lc.a.to(self.dtype), lc.e.to(self.dtype), lc.g.to(self.dtype)
+            a, e, g = lc.a.to(SOLVE_DTYPE), lc.e.to(SOLVE_DTYPE), lc.g.to(SOLVE_DTYPE)
             t, d_in, d_out = a.shape[1], a.shape[2], e.shape[-1]
             if (n * t) ** 2 * (d_in + c * d_out) < 2 * n * t * d_in * d_out:
                 aa = torch.einsum("ntk,msk->ntms", a, a)
@@ -235,7 +247,7 @@ class GramFisher(Curvature):
             else:
                 w_g = g.reshape(-1, d_out).T @ a.reshape(-1, d_in)  # [W | b] of ∇_l
                 part = torch.einsum("cnto,nto->nc", e, a @ w_g.T)
-            utg += part.reshape(-1).double()
+            utg += part.reshape(-1)
         return utg
 
     def _solve_undamped(self, v: Tensor) -> Tensor:
