@@ -69,6 +69,9 @@ class Capture:
         grad_ratio: For ``"empirical"``, ``r = s·√c`` with gradient rows ``g = r·e``
             (the Fisher column is the gradient column rescaled), so that
             ``Uᵀ∇L = r·K·1``; ``None`` for the other types.
+        grad_stamp: ``(data_ptr, version)`` of ``grad`` when the capture finished, so
+            that :meth:`is_own_gradient` can tell the unmodified gradient from any other
+            vector without comparing values.
     """
 
     layers: list[LayerCapture]
@@ -80,6 +83,16 @@ class Capture:
     fisher: str
     mc_samples: int
     grad_ratio: float | None = None
+    grad_stamp: tuple[int, int] | None = None
+
+    def is_own_gradient(self, v: Tensor) -> bool:
+        """Whether ``v`` is this capture's ``grad`` itself (the same tensor, unmodified
+        since the capture: same storage and version counter)."""
+        return (
+            v is self.grad
+            and self.grad_stamp is not None
+            and self.grad_stamp == (v.data_ptr(), v._version)
+        )
 
     @property
     def num_params(self) -> int:
@@ -235,6 +248,7 @@ def capture(
         fisher=fisher,
         mc_samples=int(mc_samples) if fisher == "mc" else 1,
         grad_ratio=scale * math.sqrt(c) if empirical else None,
+        grad_stamp=None if grad is None else (grad.data_ptr(), grad._version),
     )
 
 

@@ -154,6 +154,15 @@ class GramFisher(Curvature):
     def _mv(self, v: Tensor) -> Tensor:
         return self._u(self._ut(v)).mul_(self.scale).to(self.dtype)
 
+    def solve(self, v: Tensor, damping: float) -> Tensor:
+        """``(F + λI)⁻¹ v``; for the capture's own unmodified gradient and ``λ > 0``
+        this is :meth:`natural_gradient` (the same vector, computed the cheaper way)."""
+        if _takes_gradient_route(self._capture, v, damping) and len(self._layers) == len(
+            self._capture.layers
+        ):
+            return self.natural_gradient(damping)
+        return super().solve(v, damping)
+
     def _solve(self, v: Tensor, damping: float) -> Tensor:
         if damping == 0:
             return self._solve_undamped(v)
@@ -308,8 +317,29 @@ class BlockDiagFisher(LayerwiseCurvature):
         super().__init__(
             {lc.name: GramFisher(capture, [lc], memory_budget, scheme) for lc in capture.layers}
         )
+        self._capture = capture
+
+    def solve(self, v: Tensor, damping: float) -> Tensor:
+        """``(F_bd + λI)⁻¹ v``; for the capture's own unmodified gradient and ``λ > 0``
+        this is :meth:`natural_gradient`."""
+        if _takes_gradient_route(self._capture, v, damping):
+            return self.natural_gradient(damping)
+        return super().solve(v, damping)
 
     def natural_gradient(self, damping: float) -> Tensor:
         """``(F_bd + λI)⁻¹ g`` for the captured gradient, block by block
         (:meth:`ExactFisher.natural_gradient` of each layer's block)."""
         return torch.cat([blk.natural_gradient(damping) for blk in self.blocks.values()])
+
+
+def _takes_gradient_route(capture: Capture, v: Tensor, damping: float) -> bool:
+    """Whether ``solve(v, damping)`` may run as ``natural_gradient(damping)``: ``v`` is
+    the capture's own unmodified gradient (checked by identity, storage and version
+    counter, never by value), the damping is positive and the gradient rows exist."""
+    return (
+        isinstance(v, Tensor)
+        and capture.is_own_gradient(v)
+        and isinstance(damping, (int, float))
+        and damping > 0
+        and all(lc.g is not None for lc in capture.layers)
+    )

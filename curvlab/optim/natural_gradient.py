@@ -11,9 +11,9 @@ so one step without momentum, weight decay or clipping is
 gradient's own mini-batch; ``step(..., curvature_batch=(x, y))`` estimates ``F`` on an
 independent batch instead (App. I.5: then ``F̂⁻¹`` and ``ĝ`` are independent, which
 removes the bias of estimating both from the same samples).  The Gram matrix is
-rebuilt at every step and released after it.  When ``B`` is the gradient's own batch the
-direction comes from ``natural_gradient(λ)`` (the same vector, computed from the
-gradient's output rows with fewer ``P``-sized products).
+rebuilt at every step and released after it.  When ``B`` is the gradient's own batch,
+``solve`` receives the capture's own gradient and runs as ``natural_gradient(λ)`` (the
+same vector, computed from the gradient's output rows with fewer ``P``-sized products).
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ class NaturalGradient(CurvatureOptimizer):
         )
         super().__init__(model, loss_fn, defaults, fisher, mc_samples, generator)
         self._fisher: ExactFisher | BlockDiagFisher | None = None
-        self._fisher_grad: Tensor | None = None
 
     def _wants_curvature(self, k: int) -> bool:
         return True
@@ -80,11 +79,7 @@ class NaturalGradient(CurvatureOptimizer):
     def _update_curvature(self, capt: Capture, k: int) -> None:
         kind = ExactFisher if self.structure == "full" else BlockDiagFisher
         self._fisher = kind(capt, memory_budget=self.memory_budget)
-        self._fisher_grad = capt.grad
 
     def _precondition(self, grad: Tensor, group: dict[str, Any]) -> Tensor:
-        fisher, own = self._fisher, grad is self._fisher_grad
-        self._fisher = self._fisher_grad = None
-        if own:  # the curvature batch is the gradient's: the cheaper, equal route
-            return fisher.natural_gradient(group["damping"])
+        fisher, self._fisher = self._fisher, None
         return fisher.solve(grad, group["damping"])
