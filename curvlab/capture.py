@@ -14,33 +14,35 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import ShapeError, UnsupportedModelError
-from curvlab.layers import LayerInfo, find_layers
+from curvlab.layers import LayerKind, find_layers
 from curvlab.losses import FISHER_TYPES, check_loss, check_targets, fisher_columns, loss_scales
 from curvlab.numerics import check_finite, check_vector
 
 
 @dataclass
 class LayerCapture:
-    """What one supported layer saw during the capture.
+    """What one layer saw during the capture, as its kind reads it (:mod:`curvlab.layers`).
 
     Attributes:
-        info: Static layer description (name, sizes, flat-layout offset).
-        a: Homogeneous layer inputs ``(N, T, d_in_h)``: Linear inputs with leading
-            dimensions flattened into ``T`` (``T = 1`` for 2-D inputs), conv inputs
-            unfolded to patches (``T`` = output locations), plus a trailing 1 when
-            the layer has a trainable bias.
-        e: Output-gradient columns ``(C', N, T, d_out)``: the Fisher columns
-            backpropagated to the layer output.
+        info: The layer's kind (name, sizes, flat-layout offset, layout maps).
+        a: Rows ``ā`` ``(N, T, d_in_h)`` that ``W̄`` multiplies.  Kronecker kinds: the
+            layer inputs, Linear inputs with leading dimensions flattened into ``T``
+            (``T = 1`` for 2-D inputs), conv inputs unfolded to patches (``T`` = output
+            locations), plus a trailing 1 when the layer has a trainable bias;
+            per-sample kinds: ``1`` with ``T = 1``.
+        e: Output rows ``(C', N, T, d_out)`` of the Fisher columns: the columns
+            backpropagated to the layer output (Kronecker kinds), or the layer's
+            per-(sample, column) gradients (per-sample kinds, ``d_out = P_l``).
         g: The mini-batch gradient's output rows ``(N, T, d_out)`` (``∂L/∂f``
             backpropagated to the layer output), so that the layer gradient is
             ``Σ_nt g_nt ā_ntᵀ``; ``None`` where a capture was assembled without them.
             :meth:`~curvlab.ExactFisher.natural_gradient` works from these rows.
         locations: Shape of the output locations, whose product is ``T``: ``(H_out,
             W_out)`` for Conv2d, ``(L_out,)`` for Conv1d, the extra leading dimensions
-            for Linear (``()`` for 2-D inputs).
+            for Linear (``()`` for 2-D inputs and per-sample kinds).
     """
 
-    info: LayerInfo
+    info: LayerKind
     a: Tensor
     e: Tensor
     g: Tensor | None = None
@@ -151,9 +153,9 @@ def capture(
     """Run one forward and one batched backward and record what curvature needs.
 
     Args:
-        model: Network whose trainable parameters all live in ``nn.Linear``,
-            ``nn.Conv1d`` or ``nn.Conv2d`` (``groups=1``) modules; other modules
-            must be parameter-free or frozen.  Must output ``(N, C)``.
+        model: Network whose trainable modules each have a layer kind
+            (:mod:`curvlab.layers`; any module through the generic per-sample path).
+            Must output ``(N, C)``.
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
             with reduction ``"mean"`` or ``"sum"``.
         inputs: Batch of ``N`` inputs on the model's device.
@@ -230,12 +232,10 @@ def capture(
         x, out = saved[info.name]
         if g is None:
             g = torch.zeros((grad_outputs.shape[0], *out.shape), dtype=f.dtype, device=f.device)
-        rows = info.output_rows(g.detach())
+        a, rows = info.read(x, out, g.detach())
         check_finite(rows, f"output gradients of layer '{info.name}'")
-        a = info.unfold(x)
         e = rows[:1] / (scale * math.sqrt(c)) if empirical else rows[1:]
-        locations = tuple(out.shape[1:-1] if info.kind == "linear" else out.shape[2:])
-        records.append(LayerCapture(info, a, e, rows[0], locations))
+        records.append(LayerCapture(info, a, e, rows[0], info.locations(out)))
         if grad is not None:
             info.weight_product(rows[0], a, out=grad[info.slice])
     return Capture(
@@ -252,7 +252,7 @@ def capture(
     )
 
 
-def _recorder(info: LayerInfo, saved: dict[str, tuple[Tensor, Tensor]]):
+def _recorder(info: LayerKind, saved: dict[str, tuple[Tensor, Tensor]]):
     def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
         if info.name in saved:
             raise UnsupportedModelError(

@@ -38,7 +38,7 @@ from curvlab.capture import Capture, LayerCapture
 from curvlab.curvature.base import LayerwiseCurvature
 from curvlab.curvature.exact import ExactFisher
 from curvlab.curvature.factors import KFAC_APPROX, LayerFactors, grad_factor, input_factor_sum
-from curvlab.curvature.foof import foof_block
+from curvlab.curvature.foof import exact_layer_block, foof_block
 from curvlab.curvature.gram import SCHEMES, choose_scheme, gram_rows
 from curvlab.curvature.kfac import DAMPING_MODES, KFAC, KFACBlock
 from curvlab.numerics import SOLVE_DTYPE, check_choice, compute_dtype
@@ -349,11 +349,17 @@ class DistributedKFAC(KFAC):
 
 
 class DistributedFOOF(LayerwiseCurvature):
-    """:class:`~curvlab.FOOF` (``⊕ A ⊗ I``) of the concatenated batch from all-reduced ``A``."""
+    """:class:`~curvlab.FOOF` (``⊕ A ⊗ I``) of the concatenated batch from all-reduced ``A``
+    (layers without Kronecker factors: their exact block, the all-reduced ``G``)."""
 
     def __init__(self, capture: Capture, group=None, reduction: str | None = None):
         factors = kfac_factors(capture, group, "expand", reduction)
         dtype = compute_dtype(capture.dtype)
         super().__init__(
-            {lc.name: foof_block(lc.info, factors[lc.name][0], dtype) for lc in capture.layers}
+            {
+                lc.name: foof_block(lc.info, factors[lc.name][0], dtype)
+                if lc.info.kronecker
+                else exact_layer_block(lc.info, factors[lc.name][1], dtype)
+                for lc in capture.layers
+            }
         )

@@ -50,8 +50,6 @@ from curvlab.records import Record
 MAX_LOCATIONS = 1024
 """Conv layers with more output locations are skipped (the location-pair maps are ``|T|²``)."""
 
-CONV_KINDS = ("conv1d", "conv2d")
-
 
 def offset_index(shape: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Location-pair offsets on a grid of ``shape`` (row-major locations).
@@ -183,7 +181,7 @@ def kfc_check_records(
         max_flops: Bound on ``|T|² (o d)²``, the cost of the IAD sum.
     """
     capt = analysis.capture
-    convs = [lc for lc in capt.layers if lc.info.kind in CONV_KINDS]
+    convs = [lc for lc in capt.layers if lc.info.convolutional]
     if not convs:
         return []
     if spatial_shapes is None:

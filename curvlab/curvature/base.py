@@ -30,6 +30,8 @@ class Curvature(ABC):
     num_params: int
     device: torch.device
     dtype: torch.dtype
+    #: How the matrix treats its layers: ``"exact"`` or ``"kronecker"`` (factored).
+    structure: str = "exact"
 
     def mv(self, v: Tensor) -> Tensor:
         """``C v`` for a flat vector ``v`` of shape ``(P,)``."""
@@ -114,6 +116,11 @@ class LayerwiseCurvature(Curvature):
     def blocks(self) -> dict[str, Curvature]:
         return dict(self._blocks)
 
+    @property
+    def layer_structure(self) -> dict[str, str]:
+        """Layer name -> ``"kronecker"`` (Kronecker-factored block) or ``"exact"``."""
+        return {name: b.structure for name, b in self._blocks.items()}
+
     def _pieces(self, v: Tensor) -> list[Tensor]:
         return list(v.split([b.num_params for b in self._blocks.values()]))
 
@@ -141,7 +148,7 @@ class LayerwiseCurvature(Curvature):
 def kron_to_flat(block: Tensor, perm: Tensor) -> Tensor:
     """Reorder a dense block given in row-major ``[W | b]`` order into flat-layout order.
 
-    ``perm`` is :meth:`curvlab.layers.LayerInfo.flat_index`: ``flat[perm] = grid``.
+    ``perm`` is :meth:`curvlab.layers.LayerKind.flat_index`: ``flat[perm] = grid``.
     """
     out = torch.empty_like(block)
     p = perm.to(block.device)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from curvlab.curvature.base import Curvature, kron_to_flat
-from curvlab.layers import LayerInfo
+from curvlab.layers import LayerKind
 from curvlab.numerics import SOLVE_DTYPE, require_positive
 
 
@@ -30,9 +30,15 @@ class EigenBlock(Curvature):
         dtype: Dtype of results.
     """
 
+    @property
+    def structure(self) -> str:
+        """``"kronecker"``, or ``"exact"`` for a layer kind without Kronecker factors
+        (its "gradient factor" is then the exact block and its input factor is 1)."""
+        return "kronecker" if self.info.kronecker else "exact"
+
     def __init__(
         self,
-        info: LayerInfo,
+        info: LayerKind,
         q_out: Tensor | None,
         q_in: Tensor,
         eigenvalues: Tensor,

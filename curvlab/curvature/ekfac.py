@@ -6,7 +6,9 @@ gradients ``Γ_nc = Σ_t e_nct ā_ntᵀ`` (``d_out x d_in_h``):
     C_l = (Q_G ⊗ Q_A) diag(S) (Q_G ⊗ Q_A)ᵀ,   S = s Σ_{n,c} (Q_Gᵀ Γ_nc Q_A)²  (elementwise),
 
 i.e. ``S`` is the diagonal of the exact layer block in the KFAC eigenbasis — the best
-diagonal approximation there.  ``solve(v, λ) = (C_l + λI)⁻¹ v``.
+diagonal approximation there.  ``solve(v, λ) = (C_l + λI)⁻¹ v``.  Layers without
+Kronecker factors (``LayerKind.kronecker`` false) get their exact block
+(:class:`~curvlab.curvature.exact.GramFisher`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from torch import Tensor
 
 from curvlab.capture import Capture, LayerCapture
 from curvlab.config import options
-from curvlab.curvature.base import LayerwiseCurvature
+from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
+from curvlab.curvature.exact import GramFisher
 from curvlab.curvature.factors import LayerFactors
 from curvlab.curvature.gram import per_sample_gradients
 from curvlab.numerics import SOLVE_DTYPE, compute_dtype
@@ -43,8 +46,11 @@ class EKFAC(LayerwiseCurvature):
 
     def __init__(self, capture: Capture):
         dtype = compute_dtype(capture.dtype)
-        blocks = {}
+        blocks: dict[str, Curvature] = {}
         for lc in capture.layers:
+            if not lc.info.kronecker:
+                blocks[lc.name] = GramFisher(capture, [lc])
+                continue
             f = LayerFactors.of(lc, capture.scale)
             q_g, q_a = f.eig_G.vectors, f.eig_A.vectors
             s = eigenbasis_second_moment(lc, q_g, q_a, capture.scale)

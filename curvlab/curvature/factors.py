@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from curvlab.capture import LayerCapture
-from curvlab.errors import SingularMatrixError
-from curvlab.layers import LayerInfo
+from curvlab.config import format_bytes, options
+from curvlab.errors import MemoryBudgetError, SingularMatrixError
+from curvlab.layers import LayerKind
 from curvlab.numerics import SOLVE_DTYPE, check_finite, compute_dtype, symmetric_mm
 
 KFAC_APPROX = ("expand", "reduce")
@@ -47,7 +48,21 @@ def input_factor(a: Tensor, approx: str = "expand") -> Tensor:
 
 
 def grad_factor(e: Tensor, scale: float, approx: str = "expand") -> Tensor:
-    """``G`` of shape ``(d_out, d_out)`` in float64 from ``e (C', N, T, d_out)``."""
+    """``G`` of shape ``(d_out, d_out)`` in float64 from ``e (C', N, T, d_out)``.
+
+    Raises:
+        MemoryBudgetError: ``G`` would exceed ``curvlab.config.options.memory_budget``
+            (a large layer read through its per-sample gradients, where ``d_out = P_l``).
+    """
+    need = e.shape[-1] ** 2 * 8
+    if need > options.memory_budget:
+        raise MemoryBudgetError(
+            f"a {e.shape[-1]} x {e.shape[-1]} gradient factor needs about "
+            f"{format_bytes(need)}, over the memory budget of "
+            f"{format_bytes(options.memory_budget)}. Freeze the layer, use the exact "
+            "objects (ExactFisher, BlockDiagFisher), or raise "
+            "curvlab.config.options.memory_budget."
+        )
     if approx == "reduce":
         e = e.sum(dim=2, keepdim=True)
     flat = e.reshape(-1, e.shape[-1]).to(compute_dtype(e.dtype))
@@ -87,7 +102,7 @@ class Eigen:
 class LayerFactors:
     """``A``, ``G`` and their eigendecompositions for one layer (``info``: its layout)."""
 
-    info: LayerInfo
+    info: LayerKind
     A: Tensor
     G: Tensor
 

@@ -8,6 +8,9 @@ Two damping rules for the same matrix:
 * ``"heuristic"``: ``ΔW̄ = ∇W̄ (A + π√λ I)⁻¹`` with KFAC's
   ``π = sqrt((tr A / dim A) / (tr G / dim G))`` from the same ``A`` and ``G`` — KFAC's own
   A-side damping, i.e. "KFAC without G", the FOOF of Benzing's Fig. 3 and 4 (App. D.9).
+
+Layers without Kronecker factors (``LayerKind.kronecker`` false) get their exact block
+instead (:class:`~curvlab.curvature.exact.GramFisher`, from the capture's Fisher columns).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import torch
 from torch import Tensor
 
 from curvlab.capture import Capture
-from curvlab.curvature.base import LayerwiseCurvature
+from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
+from curvlab.curvature.exact import GramFisher
 from curvlab.curvature.factors import Eigen, LayerFactors, input_factor
-from curvlab.layers import LayerInfo
+from curvlab.layers import LayerKind
 from curvlab.numerics import check_choice, compute_dtype
 
 FOOF_DAMPING_MODES = ("plain", "heuristic")
@@ -34,7 +38,7 @@ class FOOFBlock(EigenBlock):
         pi: KFAC's heuristic ``π`` of the layer, or ``None`` for plain damping.
     """
 
-    def __init__(self, info: LayerInfo, eig: Eigen, dtype: torch.dtype, pi: float | None = None):
+    def __init__(self, info: LayerKind, eig: Eigen, dtype: torch.dtype, pi: float | None = None):
         ones = torch.ones(info.d_out, 1, dtype=eig.values.dtype, device=eig.values.device)
         super().__init__(info, None, eig.vectors, ones * eig.values, dtype)
         self.pi = pi
@@ -46,7 +50,7 @@ class FOOFBlock(EigenBlock):
 
 
 def foof_block(
-    info: LayerInfo, a_factor: Tensor, dtype: torch.dtype, pi: float | None = None
+    info: LayerKind, a_factor: Tensor, dtype: torch.dtype, pi: float | None = None
 ) -> FOOFBlock:
     """The block ``A ⊗ I`` of one layer from its input factor ``A (d_in_h, d_in_h)``;
     ``pi`` switches on the heuristic damping ``A + π√λ I``."""
@@ -54,9 +58,18 @@ def foof_block(
     return FOOFBlock(info, eig, dtype, pi)
 
 
+def exact_layer_block(info: LayerKind, g_factor: Tensor, dtype: torch.dtype) -> EigenBlock:
+    """The exact block of a layer without Kronecker factors (``A = 1``) from its
+    "gradient factor" ``G`` (the exact block, ``(P_l, P_l)``), as an eigenbasis block."""
+    eig = Eigen.of(g_factor, f"the curvature block of layer '{info.name}'")
+    one = torch.ones(1, 1, dtype=eig.values.dtype, device=eig.values.device)
+    return EigenBlock(info, eig.vectors, one, eig.values.unsqueeze(1), dtype)
+
+
 class FOOF(LayerwiseCurvature):
     """Block-diagonal ``⊕_l A_l ⊗ I``; ``solve(v, λ)`` = ``V (A + λI)⁻¹`` per layer, or
-    ``V (A + π_l√λ I)⁻¹`` with ``damping_mode="heuristic"`` (module docstring).
+    ``V (A + π_l√λ I)⁻¹`` with ``damping_mode="heuristic"`` (module docstring); the exact
+    block, damped as ``C_l + λI``, for layers without Kronecker factors.
 
     Args:
         capture: The capture to read (its output gradients give ``G`` for ``π``).
@@ -67,9 +80,11 @@ class FOOF(LayerwiseCurvature):
         check_choice("damping_mode", damping_mode, FOOF_DAMPING_MODES)
         self.damping_mode = damping_mode
         dtype = compute_dtype(capture.dtype)
-        blocks = {}
+        blocks: dict[str, Curvature] = {}
         for lc in capture.layers:
-            if damping_mode == "plain":
+            if not lc.info.kronecker:
+                blocks[lc.name] = GramFisher(capture, [lc])
+            elif damping_mode == "plain":
                 blocks[lc.name] = foof_block(lc.info, input_factor(lc.a), dtype)
             else:
                 factors = LayerFactors.of(lc, capture.scale)

@@ -2,6 +2,10 @@
 
 Per layer ``C_l = A ⊗ G`` (dense block ``kron(G, A)`` in the row-major ``[W | b]``
 layout; factors in :mod:`curvlab.curvature.factors`).  Weight and bias form one block.
+Layers whose kind has no Kronecker factors (``LayerKind.kronecker`` false: norms, PReLU,
+generic modules) get their exact block (:class:`~curvlab.curvature.exact.GramFisher`),
+damped as ``C_l + λI`` whatever the damping mode; ``KFAC(...).layer_structure`` says
+which layer is which.
 
 Damping (DESIGN.md):
 
@@ -19,8 +23,9 @@ import torch
 from torch import Tensor
 
 from curvlab.capture import Capture
-from curvlab.curvature.base import LayerwiseCurvature
+from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
+from curvlab.curvature.exact import GramFisher
 from curvlab.curvature.factors import KFAC_APPROX, LayerFactors
 from curvlab.numerics import check_choice, compute_dtype
 
@@ -43,7 +48,7 @@ class KFACBlock(EigenBlock):
         self.factors, self.damping_mode = factors, damping_mode
 
     def denominator(self, damping: float) -> Tensor:
-        if self.damping_mode == "standard" or damping == 0:
+        if self.damping_mode == "standard" or damping == 0 or not self.info.kronecker:
             return super().denominator(damping)
         pi = self.factors.pi
         root = math.sqrt(damping)
@@ -80,16 +85,16 @@ class KFAC(LayerwiseCurvature):
         check_choice("kfac_approx", kfac_approx, KFAC_APPROX)
         self.damping_mode, self.kfac_approx = damping_mode, kfac_approx
         dtype = compute_dtype(capture.dtype)
-        super().__init__(
-            {
-                lc.name: KFACBlock(
-                    LayerFactors.of(lc, capture.scale, kfac_approx), damping_mode, dtype
-                )
-                for lc in capture.layers
-            }
-        )
+        blocks: dict[str, Curvature] = {}
+        for lc in capture.layers:
+            if lc.info.kronecker:
+                factors = LayerFactors.of(lc, capture.scale, kfac_approx)
+                blocks[lc.name] = KFACBlock(factors, damping_mode, dtype)
+            else:
+                blocks[lc.name] = GramFisher(capture, [lc])
+        super().__init__(blocks)
 
     @property
     def factors(self) -> dict[str, LayerFactors]:
-        """Layer name -> its ``A`` and ``G`` (float64)."""
-        return {name: b.factors for name, b in self._blocks.items()}
+        """Kronecker-factored layer name -> its ``A`` and ``G`` (float64)."""
+        return {name: b.factors for name, b in self._blocks.items() if isinstance(b, KFACBlock)}

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from curvlab.capture import Capture, capture
 from curvlab.errors import ShapeError
-from curvlab.layers import LayerInfo, find_layers
+from curvlab.layers import LayerKind, find_layers
 from curvlab.losses import FISHER_TYPES, check_loss
 from curvlab.numerics import SOLVE_DTYPE, check_choice, check_damping
 
@@ -79,7 +79,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         _check_hyperparameters(defaults)
         self.model, self.loss_fn = model, loss_fn
         self.fisher, self.mc_samples, self.generator = fisher, mc_samples, generator
-        self.layers: list[LayerInfo] = find_layers(model)
+        self.layers: list[LayerKind] = find_layers(model)
         super().__init__([p for info in self.layers for p in info.params], defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -106,7 +106,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     @property
     def dtype(self) -> torch.dtype:
         """The parameters' dtype."""
-        return self.layers[0].module.weight.dtype
+        return self.layers[0].params[0].dtype
 
     def step(
         self,

@@ -27,16 +27,16 @@ import torch
 from torch import Tensor
 
 from curvlab.capture import Capture, LayerCapture
-from curvlab.layers import LayerInfo
+from curvlab.layers import LayerKind
 from curvlab.numerics import SOLVE_DTYPE, compute_dtype
 
 
-def restrict(layers: list[LayerInfo], v: Tensor) -> Tensor:
+def restrict(layers: list[LayerKind], v: Tensor) -> Tensor:
     """``Z v``: per-layer sums of the flat vector ``v (P,)`` -> ``(L,)``."""
     return torch.stack([v[info.slice].sum() for info in layers])
 
 
-def prolong(layers: list[LayerInfo], c: Tensor) -> Tensor:
+def prolong(layers: list[LayerKind], c: Tensor) -> Tensor:
     """``Zᵀ c``: ``c (L,)`` spread over each layer's entries -> flat ``(P,)``."""
     return torch.cat([c[i].expand(info.num_params) for i, info in enumerate(layers)])
 

@@ -9,7 +9,9 @@ column, its output gradients unused).  With ``damping_mode="heuristic"`` the dir
 gradient factor (``fisher``, ``"mc"`` by default, as KFAC's): "KFAC without G", the FOOF
 of Benzing's Fig. 3 and 4.  With ``ema_decay=0`` (or on the first step),
 ``inverse_every=1``, no momentum, weight decay or clipping, one step is
-``θ ← θ − lr · curvlab.FOOF(capture, damping_mode).solve(capture.grad, λ)``.
+``θ ← θ − lr · curvlab.FOOF(capture, damping_mode).solve(capture.grad, λ)``.  Layers
+without Kronecker factors (``LayerKind.kronecker`` false) are preconditioned with the
+moving average of their exact block of the capture's Fisher instead, ``(Ĝ + λI)⁻¹ g``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.capture import Capture
+from curvlab.curvature.eigen_block import EigenBlock
 from curvlab.curvature.factors import LayerFactors, grad_factor, input_factor
-from curvlab.curvature.foof import FOOF_DAMPING_MODES, FOOFBlock, foof_block
-from curvlab.layers import LayerInfo
+from curvlab.curvature.foof import FOOF_DAMPING_MODES, FOOFBlock, exact_layer_block, foof_block
+from curvlab.layers import LayerKind
 from curvlab.numerics import check_choice
 from curvlab.optim.kronecker import KroneckerOptimizer, StatKey
 
@@ -90,12 +93,17 @@ class FOOF(KroneckerOptimizer):
     def _statistics(self, capt: Capture) -> dict[StatKey, Tensor]:
         out: dict[StatKey, Tensor] = {}
         for lc in capt.layers:
+            if not lc.info.kronecker:
+                out[lc.name, "G"] = grad_factor(lc.e, capt.scale)
+                continue
             out[lc.name, "A"] = input_factor(lc.a)
             if self.damping_mode == "heuristic":
                 out[lc.name, "G"] = grad_factor(lc.e, capt.scale)
         return out
 
-    def _block(self, info: LayerInfo, stats: dict[str, Tensor]) -> FOOFBlock:
+    def _block(self, info: LayerKind, stats: dict[str, Tensor]) -> EigenBlock:
+        if not info.kronecker:
+            return exact_layer_block(info, stats["G"], self.block_dtype)
         if self.damping_mode == "plain":
             return foof_block(info, stats["A"], self.block_dtype)
         factors = LayerFactors(info, stats["A"], stats["G"])

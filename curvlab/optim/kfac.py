@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from curvlab.capture import Capture
 from curvlab.curvature.factors import KFAC_APPROX, LayerFactors, grad_factor, input_factor
 from curvlab.curvature.kfac import DAMPING_MODES, KFACBlock
-from curvlab.layers import LayerInfo
+from curvlab.layers import LayerKind
 from curvlab.numerics import check_choice
 from curvlab.optim.kronecker import KroneckerOptimizer, StatKey
 
@@ -95,6 +95,6 @@ class KFAC(KroneckerOptimizer):
             out[lc.name, "G"] = grad_factor(lc.e, capt.scale, self.kfac_approx)
         return out
 
-    def _block(self, info: LayerInfo, stats: dict[str, Tensor]) -> KFACBlock:
+    def _block(self, info: LayerKind, stats: dict[str, Tensor]) -> KFACBlock:
         factors = LayerFactors(info, stats["A"], stats["G"])
         return KFACBlock(factors, self.damping_mode, self.block_dtype)

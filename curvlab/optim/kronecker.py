@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from curvlab.capture import Capture
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
-from curvlab.layers import LayerInfo
+from curvlab.layers import LayerKind
 from curvlab.numerics import compute_dtype
 from curvlab.optim.amortisation import Amortisation, check_decay, debiased, ema_update
 from curvlab.optim.base import GLOBAL, CurvatureOptimizer
@@ -74,7 +74,7 @@ class KroneckerOptimizer(CurvatureOptimizer):
         """The statistics of one capture, keyed ``(layer name or None, name)``."""
 
     @abstractmethod
-    def _block(self, info: LayerInfo, stats: dict[str, Tensor]) -> Curvature:
+    def _block(self, info: LayerKind, stats: dict[str, Tensor]) -> Curvature:
         """One layer's curvature block from its in-use statistics (by name)."""
 
     # ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from curvlab.capture import Capture
 from curvlab.curvature.factors import grad_factor, input_factor
-from curvlab.layers import LayerInfo
+from curvlab.layers import LayerKind
 from curvlab.numerics import check_choice
 from curvlab.optim.base import GLOBAL, CurvatureOptimizer
 from curvlab.optim.structures import Structure, StructuredMatrix, as_structure
@@ -160,9 +160,9 @@ class SINGD(CurvatureOptimizer):
             state["factors"] = {info.name: self._initial_factors(info) for info in self.layers}
         return state["factors"]
 
-    def _initial_factors(self, info: LayerInfo) -> dict[str, StructuredMatrix]:
+    def _initial_factors(self, info: LayerKind) -> dict[str, StructuredMatrix]:
         """``K = I``, ``C = I`` (and zero INGD momenta) in the factor dtype."""
-        dev, dt = info.module.weight.device, self.factor_dtype
+        dev, dt = info.params[0].device, self.factor_dtype
         s_k, s_c = self.structures
         f = {"K": s_k.identity(info.d_in_h, dt, dev), "C": s_c.identity(info.d_out, dt, dev)}
         if self.update_rule == "ingd":

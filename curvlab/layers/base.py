@@ -1,0 +1,244 @@
+"""The layer-kind interface: what one trainable module means to the capture.
+
+Every captured module is presented to the curvature code in one form: a matrix layer
+``W̄`` of shape ``d_out x d_in_h`` acting on rows ``ā_nt`` (``d_in_h`` columns) at ``T``
+locations per sample, so that the gradient of the Fisher column ``c`` of sample ``n``
+w.r.t. the layer's parameters is
+
+    Γ_nc = Σ_t e_nct ā_ntᵀ      (d_out x d_in_h),
+
+with ``e_nct`` the layer's *output rows* for that column.  The curvature objects only
+ever see ``ā`` (``LayerCapture.a``), ``e`` and the layout maps of this class; nothing
+downstream branches on module types.  Two families implement it:
+
+* **Kronecker kinds** (:class:`MatrixKind`: Linear, Conv): ``ā`` are the (unfolded)
+  layer inputs with a homogeneous 1 for a trainable bias, ``e`` the backpropagated
+  output-gradients; ``Γ`` factorises over locations, so KFAC's ``A ⊗ G`` is defined.
+* **Per-sample kinds** (:class:`PerSampleKind`: norms, PReLU, the generic fallback):
+  ``T = 1``, ``ā = 1`` (``d_in_h = 1``) and ``e_nc`` is the layer's per-(sample, column)
+  gradient itself (``d_out = P_l``), computed from the captured input and output
+  gradient.  Then the Gram, ``Uᵀv`` and ``U c`` formulas hold unchanged, the "input
+  factor" is the scalar 1 and the "gradient factor" is the exact layer block; the
+  approximations use that exact block (``kronecker = False``).
+
+The flat layout (DESIGN.md) is the module's trainable parameters in registration order,
+each flattened row-major; :meth:`LayerKind.to_matrix` / :meth:`LayerKind.to_flat` map
+between a flat slice and ``W̄``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.config import format_bytes, options
+from curvlab.errors import MemoryBudgetError
+
+
+class LayerKind(ABC):
+    """One trainable module: its layout, and how to read what the capture recorded.
+
+    Attributes:
+        name: The module's name in ``model.named_modules()``.
+        module: The module itself.
+        offset: Start of this layer's slice in the flat parameter vector.
+        kronecker: Whether ``Γ_nc = Σ_t e_nct ā_ntᵀ`` comes from the layer's inputs and
+            output-gradients, so that Kronecker factors ``A ⊗ G`` are meaningful; when
+            ``False`` the approximations use the layer's exact block.
+        convolutional: Whether the locations ``t`` are positions of a convolution
+            sharing one weight (what the KFC checks examine).
+    """
+
+    kronecker: bool = False
+    convolutional: bool = False
+
+    def __init__(self, name: str, module: nn.Module, offset: int):
+        self.name, self.module, self.offset = name, module, offset
+
+    # -- layout ------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def params(self) -> list[nn.Parameter]:
+        """The layer's trainable parameters in flat-layout order."""
+
+    @property
+    @abstractmethod
+    def d_in(self) -> int:
+        """Columns of ``W̄`` without a homogeneous bias column."""
+
+    @property
+    @abstractmethod
+    def d_out(self) -> int:
+        """Rows of ``W̄``."""
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether ``W̄`` ends with a bias column (multiplying a homogeneous 1)."""
+        return False
+
+    @property
+    def d_in_h(self) -> int:
+        """Columns of ``W̄``: ``d_in`` plus one for a bias column."""
+        return self.d_in + int(self.has_bias)
+
+    @property
+    def num_params(self) -> int:
+        """Number of entries of this layer in the flat vector (``d_out · d_in_h``)."""
+        return self.d_out * self.d_in_h
+
+    @property
+    def slice(self) -> slice:
+        """This layer's slice of the flat parameter vector."""
+        return slice(self.offset, self.offset + self.num_params)
+
+    def to_matrix(self, flat: Tensor) -> Tensor:
+        """Flat slice ``(..., num_params)`` -> ``W̄`` of shape ``(..., d_out, d_in_h)``."""
+        lead = flat.shape[:-1]
+        n_w = self.d_out * self.d_in
+        w = flat[..., :n_w].reshape(*lead, self.d_out, self.d_in)
+        if not self.has_bias:
+            return w
+        return torch.cat([w, flat[..., n_w:].unsqueeze(-1)], dim=-1)
+
+    def to_flat(self, mat: Tensor) -> Tensor:
+        """``W̄`` of shape ``(..., d_out, d_in_h)`` -> flat slice ``(..., num_params)``."""
+        lead = mat.shape[:-2]
+        w = mat[..., : self.d_in].reshape(*lead, -1)
+        if not self.has_bias:
+            return w
+        return torch.cat([w, mat[..., self.d_in]], dim=-1)
+
+    def flat_index(self) -> Tensor:
+        """Index ``p`` with ``flat[p] == W̄.flatten()`` (row-major), for dense blocks."""
+        positions = torch.arange(self.num_params, dtype=torch.float64)
+        return self.to_matrix(positions).reshape(-1).long()
+
+    def weight_product(self, rows: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
+        """``Σ_nt rows_nt ā_ntᵀ`` as this layer's flat slice ``(num_params,)``.
+
+        With ``rows`` the gradient's output rows this is the layer's gradient.  One matrix
+        product (the bias part as a row sum), written straight into the flat layout.
+
+        Args:
+            rows: Output rows ``(N, T, d_out)``.
+            a: Rows ``ā`` ``(N, T, d_in_h)``.
+            out: Optional destination ``(num_params,)``, e.g. a slice of a flat vector.
+        """
+        if out is None:
+            out = rows.new_empty(self.num_params)
+        r = rows.reshape(-1, self.d_out)
+        x = a.reshape(-1, self.d_in_h)
+        n_w = self.d_out * self.d_in
+        torch.mm(r.T, x[:, : self.d_in], out=out[:n_w].view(self.d_out, self.d_in))
+        if self.has_bias:
+            torch.sum(r, dim=0, out=out[n_w:])
+        return out
+
+    # -- reading a capture ---------------------------------------------------------------
+
+    @abstractmethod
+    def read(self, x: Tensor, out: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows ``ā`` and output rows of one capture.
+
+        Args:
+            x: The module's (detached) input.
+            out: The module's output (for its shape).
+            grads: ``B`` backpropagated output-gradients ``(B, *out.shape)`` (the
+                gradient column first, then the Fisher columns).
+
+        Returns:
+            ``ā`` ``(N, T, d_in_h)`` and the output rows ``(B, N, T, d_out)``.
+        """
+
+    @abstractmethod
+    def locations(self, out: Tensor) -> tuple[int, ...]:
+        """Shape of the ``T`` locations for the module output ``out``."""
+
+
+class MatrixKind(LayerKind):
+    """A layer computing ``W̄ ā_nt`` at every location: weight ``(d_out, ...)`` and an
+    optional bias; ``ā`` from :meth:`unfold`, output rows from :meth:`output_rows`."""
+
+    kronecker = True
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        out = [self.module.weight]
+        if self.has_bias:
+            out.append(self.module.bias)
+        return out
+
+    @property
+    def has_bias(self) -> bool:
+        bias = self.module.bias
+        return bias is not None and bias.requires_grad
+
+    @property
+    def d_in(self) -> int:
+        return self.module.weight[0].numel()
+
+    @property
+    def d_out(self) -> int:
+        return self.module.weight.shape[0]
+
+    @abstractmethod
+    def unfold(self, x: Tensor) -> Tensor:
+        """Layer input -> rows ``(N, T, d_in_h)`` that ``W̄`` multiplies."""
+
+    @abstractmethod
+    def output_rows(self, g: Tensor) -> Tensor:
+        """Output-shaped ``(B, N, *out)`` -> ``(B, N, T, d_out)`` matching :meth:`unfold`."""
+
+    def read(self, x: Tensor, out: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        return self.unfold(x), self.output_rows(grads)
+
+
+class PerSampleKind(LayerKind):
+    """A layer read through its per-(sample, column) gradients (``ā = 1``, ``T = 1``).
+
+    Subclasses implement :meth:`per_sample_gradients`; :meth:`read` checks their size
+    against ``curvlab.config.options.memory_budget`` first.
+    """
+
+    kronecker = False
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
+
+    @property
+    def d_in(self) -> int:
+        return 1
+
+    @property
+    def d_out(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def locations(self, out: Tensor) -> tuple[int, ...]:
+        return ()
+
+    @abstractmethod
+    def per_sample_gradients(self, x: Tensor, out: Tensor, grads: Tensor) -> Tensor:
+        """``(B, N, num_params)``: the gradient of ``Σ grads[b, n] · out[n]`` w.r.t. the
+        layer's parameters for every ``b`` and ``n``, in flat-layout order."""
+
+    def read(self, x: Tensor, out: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        b, n = grads.shape[:2]
+        need = b * n * self.num_params * grads.element_size() * self.memory_factor
+        if need > options.memory_budget:
+            raise MemoryBudgetError(
+                f"module '{self.name}' ({type(self.module).__name__}) is read through its "
+                f"per-sample gradients: {b} columns x {n} samples x {self.num_params} "
+                f"parameters need about {format_bytes(need)}, over the memory budget of "
+                f"{format_bytes(options.memory_budget)}. Use a smaller batch, fisher='mc' "
+                "(one column per sample), freeze the module, or raise "
+                "curvlab.config.options.memory_budget."
+            )
+        rows = self.per_sample_gradients(x, out, grads).unsqueeze(2)  # (B, N, 1, P_l)
+        return rows.new_ones(1, 1, 1).expand(n, 1, 1), rows
+
+    #: Peak memory of :meth:`per_sample_gradients` in units of its result.
+    memory_factor: int = 1

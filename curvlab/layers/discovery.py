@@ -1,0 +1,132 @@
+"""Which kind each trainable module of a model is, in flat-layout order.
+
+A module of a registered type gets that type's kind; a subclass of one only when it
+computes what the kind assumes (it overrides neither ``forward`` nor the functional
+core, and its trainable tensors are its plain ``weight``/``bias``).  Everything else
+with trainable parameters — custom modules, raw ``nn.Parameter``s, parametrised layers
+(``torch.nn.utils.parametrize``, ``weight_norm``, ``spectral_norm``), convolutions the
+Kronecker kind does not cover — takes the exact generic path
+(:class:`~curvlab.layers.generic.GenericKind`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from curvlab.errors import UnsupportedModelError
+from curvlab.layers.base import LayerKind, MatrixKind
+from curvlab.layers.conv import ConvKind
+from curvlab.layers.elementwise import (
+    BatchNormKind,
+    GroupNormKind,
+    LayerNormKind,
+    PReLUKind,
+    RMSNormKind,
+)
+from curvlab.layers.generic import GenericKind
+from curvlab.layers.linear import LinearKind
+
+KINDS: dict[type[nn.Module], type[LayerKind]] = {
+    nn.Linear: LinearKind,
+    nn.Conv1d: ConvKind,
+    nn.Conv2d: ConvKind,
+    nn.BatchNorm1d: BatchNormKind,
+    nn.BatchNorm2d: BatchNormKind,
+    nn.BatchNorm3d: BatchNormKind,
+    nn.GroupNorm: GroupNormKind,
+    nn.LayerNorm: LayerNormKind,
+    nn.RMSNorm: RMSNormKind,
+    nn.PReLU: PReLUKind,
+}
+"""Module type -> its kind; modules of other types take :class:`GenericKind`."""
+
+# methods a subclass must not override to keep its parent's computation
+_CORE_METHODS = ("forward", "_conv_forward")
+
+
+def kind_of(module: nn.Module) -> type[LayerKind]:
+    """The kind class for ``module`` (:data:`KINDS`, else :class:`GenericKind`)."""
+    if parametrize.is_parametrized(module):
+        return GenericKind
+    base = next((t for t in type(module).__mro__ if t in KINDS), None)
+    if base is None or not _keeps_computation(module, base):
+        return GenericKind
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
+        module.groups != 1 or module.padding_mode != "zeros"
+    ):
+        return GenericKind
+    return KINDS[base]
+
+
+def _keeps_computation(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module`` computes what ``base`` does with plain ``weight``/``bias``."""
+    cls = type(module)
+    if any(getattr(cls, m, None) is not getattr(base, m, None) for m in _CORE_METHODS):
+        return False
+    if module._forward_pre_hooks:  # e.g. the hooks of the old weight_norm/spectral_norm
+        return False
+    names = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    if not names <= {"weight", "bias"}:
+        return False
+    # the matrix kinds read weight and bias as one [W | b]: a trainable bias needs its weight
+    return not issubclass(KINDS[base], MatrixKind) or "weight" in names
+
+
+def find_layers(model: nn.Module) -> list[LayerKind]:
+    """The modules of ``model`` with trainable parameters, as kinds in flat-layout order.
+
+    Raises:
+        UnsupportedModelError: parameters shared between modules, ``nn.MultiheadAttention``
+            with trainable parameters, no trainable parameter at all, or a registration
+            order that differs from ``model.parameters()``.
+    """
+    layers: list[LayerKind] = []
+    offset = 0
+    seen: set[int] = set()
+    covered: list[str] = []  # prefixes of submodules whose parameters a kind already owns
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in covered):
+            continue
+        label = f"module '{name or '<root>'}' ({type(module).__name__})"
+        if isinstance(module, nn.MultiheadAttention):
+            if any(p.requires_grad for p in module.parameters()):
+                raise UnsupportedModelError(
+                    f"{label} computes with its parameters (out_proj included) through "
+                    "F.multi_head_attention_forward, which curvlab does not read. Freeze it "
+                    "or write attention from nn.Linear layers."
+                )
+            covered.append(f"{name}." if name else "")
+            continue
+        kind_cls = kind_of(module)
+        if parametrize.is_parametrized(module):
+            covered.append(f"{name}.parametrizations." if name else "parametrizations.")
+        info = kind_cls(name, module, offset)
+        if not info.params:
+            continue
+        for p in info.params:
+            if id(p) in seen:
+                raise UnsupportedModelError(
+                    f"{label} shares a parameter with another module; tied weights are "
+                    "not supported."
+                )
+            seen.add(id(p))
+        layers.append(info)
+        offset += info.num_params
+    if not layers:
+        raise UnsupportedModelError("the model has no trainable parameter to analyse.")
+    _check_parameter_order(model, layers)
+    return layers
+
+
+def _check_parameter_order(model: nn.Module, layers: list[LayerKind]) -> None:
+    """Ensure the layer-wise layout equals ``model.parameters()`` order (DESIGN.md)."""
+    ours = [id(p) for info in layers for p in info.params]
+    theirs = [id(p) for p in model.parameters() if p.requires_grad]
+    if ours != theirs:
+        raise UnsupportedModelError(
+            "the model registers its trainable parameters in an order that does not follow "
+            "its modules (each module's own parameters together); curvlab's flat vector "
+            "layout would not match model.parameters(). Register parameters in submodules "
+            "that own them."
+        )
