@@ -31,6 +31,7 @@ from curvlab.compare.spectra import (
     spectrum_records,
     top_eigenvectors,
 )
+from curvlab.compare.step_progress import step_progress, step_progress_summary
 
 
 class _CallablePackage(types.ModuleType):
@@ -66,5 +67,7 @@ __all__ = [
     "relative_errors",
     "spatial_correlation",
     "spectrum_records",
+    "step_progress",
+    "step_progress_summary",
     "top_eigenvectors",
 ]

@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvlab.compare.analysis import Analysis
@@ -28,17 +28,42 @@ from curvlab.records import Record
 
 def loss_at(analysis: Analysis, step: Tensor) -> float:
     """The mini-batch loss at ``θ − step`` (``step``: flat vector), the model untouched."""
-    capt, model = analysis.capture, analysis.model
+    return shifted_loss(
+        analysis.model,
+        analysis.loss_fn,
+        analysis.inputs,
+        analysis.targets,
+        analysis.capture.params,
+        step,
+    )
+
+
+def shifted_loss(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    params: Sequence[Tensor],
+    step: Tensor,
+    theta: Tensor | None = None,
+) -> float:
+    """``loss_fn(model(inputs), targets)`` at ``θ − step``, the model untouched.
+
+    ``step`` (and ``theta``, the flat values ``θ`` of ``params``, default their current
+    values) are flat over ``params`` in that order; other parameters keep their values.
+    Buffers are cloned, so e.g. batch-norm running statistics do not change.
+    """
     names = {id(p): name for name, p in model.named_parameters()}
     state = {name: b.clone() for name, b in model.named_buffers()}
     offset = 0
-    for p in capt.params:
+    for p in params:
         part = step[offset : offset + p.numel()].reshape(p.shape)
-        state[names[id(p)]] = p.detach() - part.to(p.device, p.dtype)
+        base = p.detach() if theta is None else theta[offset : offset + p.numel()].view_as(p)
+        state[names[id(p)]] = base.to(p.device, p.dtype) - part.to(p.device, p.dtype)
         offset += p.numel()
     with torch.no_grad():
-        out = functional_call(model, state, (analysis.inputs,))
-        return float(analysis.loss_fn(out, analysis.targets))
+        out = functional_call(model, state, (inputs,))
+        return float(loss_fn(out, targets))
 
 
 def rescale_per_layer(analysis: Analysis, d: Tensor, to: Tensor) -> Tensor:

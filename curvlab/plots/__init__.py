@@ -10,7 +10,7 @@ from curvlab.plots.cosine import plot_cosine_heatmap
 from curvlab.plots.damping import plot_damping_sweep
 from curvlab.plots.kfc import plot_kfc_checks
 from curvlab.plots.layer_errors import plot_layer_errors
-from curvlab.plots.progress import plot_progress
+from curvlab.plots.progress import plot_progress, plot_step_progress
 from curvlab.plots.spectra import plot_spectra
 from curvlab.plots.style import (
     METHOD_COLORS,
@@ -38,6 +38,7 @@ __all__ = [
     "plot_layer_errors",
     "plot_progress",
     "plot_spectra",
+    "plot_step_progress",
     "plot_training",
     "save_figure",
 ]

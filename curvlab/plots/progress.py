@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from curvlab.plots.select import Records, reduce, select
-from curvlab.plots.style import method_color, method_order, new_figure, styled
+from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
 
 
 @styled
@@ -52,4 +52,53 @@ def plot_progress(
     ax.set_xticks(positions, methods, rotation=30 if len(methods) > 4 else 0)
     ax.set_ylabel(found[0].replace("_", " "))
     ax.grid(axis="x", visible=False)
+    return fig
+
+
+@styled
+def plot_step_progress(records: Records, *, reference: str = "kfac") -> Figure:
+    """Section ``"step_progress"`` (:func:`curvlab.compare.step_progress.step_progress`):
+    left, each method's relative loss decrease per checkpoint (the step index); right, its
+    ratio to ``reference``'s at the same checkpoint (log scale, where both are positive),
+    with the line ratio = 1.  The legend gives each method's median ratio."""
+    caller = "plot_step_progress"
+    rows = select(records, "step_progress", caller, metrics=["relative_loss_decrease"])
+    rows = rows.dropna(subset=["index"])
+    if rows.empty:
+        raise ValueError(f"{caller}: no 'relative_loss_decrease' record has a step (index)")
+    table = reduce(rows, ["method", "index"], caller).pivot(
+        index="index", columns="method", values="value"
+    )
+    if reference not in table:
+        raise ValueError(f"{caller}: no records of the reference method '{reference}'")
+    fig, axes = new_figure(1, 2, width="two", height=2.4)
+    left, right = axes[0]
+    methods = method_order(table.columns)
+    for method in methods:
+        left.plot(table.index, table[method], color=method_color(method), label=method)
+    left.axhline(0.0, color="#000000", linewidth=0.6)
+    left.set_xlabel("step")
+    left.set_ylabel("relative loss decrease")
+    legend(left)
+    ref = table[reference]
+    for method in methods:
+        if method == reference:
+            continue
+        ok = (ref > 0) & (table[method] > 0)
+        ratio = table[method][ok] / ref[ok]
+        median = float(np.median(ratio)) if len(ratio) else float("nan")
+        right.plot(
+            ratio.index,
+            ratio,
+            color=method_color(method),
+            marker="o",
+            markersize=2.5,
+            linewidth=0.8,
+            label=f"{method} (median {median:.3g})",
+        )
+    right.axhline(1.0, color="#000000", linewidth=0.6)
+    right.set_yscale("log")
+    right.set_xlabel("step")
+    right.set_ylabel(f"ratio to {reference}")
+    legend(right)
     return fig

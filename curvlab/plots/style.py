@@ -70,6 +70,7 @@ METHOD_COLORS: dict[str, str] = {
     "kfac-standard": "#332288",
     "kfac-heuristic": "#56B4E9",
     "foof": "#E69F00",
+    "foof-kfac-damping": "#CC6677",
     "ekfac": "#009E73",
     "sgd": "#D55E00",
     "kfac-expand": "#CC79A7",
@@ -80,7 +81,7 @@ METHOD_COLORS: dict[str, str] = {
 }
 """Fixed colour of each known method, the same in every figure; also the legend order."""
 
-UNKNOWN_METHOD_COLORS = ("#CC6677", "#999933", "#88CCEE", "#DDCC77")
+UNKNOWN_METHOD_COLORS = ("#999933", "#88CCEE", "#DDCC77")
 """Palette colours no known method uses; unknown methods get one by a stable hash."""
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*", "d")
