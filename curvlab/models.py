@@ -83,6 +83,20 @@ def build_model(
         return builder(shape, num_classes, **kwargs)
 
 
+def kaiming_normal_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-initialise every ``nn.Linear`` / ``nn.Conv*`` weight in place with Kaiming-normal
+    values for ReLU (``std = sqrt(2 / fan_in)``, Benzing 2022's initialisation) and zero
+    biases; seeded with ``seed``, the global RNG state unchanged.  Returns ``model``."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                if module.bias is not None:
+                    module.bias.zero_()
+    return model
+
+
 def _activation(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
         raise ValueError(f"unknown activation '{name}'; choose one of {', '.join(_ACTIVATIONS)}")

@@ -358,6 +358,40 @@ def final_loss(records: Sequence[Record], method: str, window: int) -> float:
     return sum(tail) / len(tail)
 
 
+def budget_losses(
+    records: Sequence[Record], method: str, budgets: Sequence[int], window: int = 1
+) -> dict[int, float]:
+    """``method``'s training loss after each step budget: the mean ``train_loss`` over the
+    ``window`` steps before step ``b`` (indices ``b − window .. b − 1``), per ``b`` in
+    ``budgets``; ``inf`` once the run diverged before ``b``, NaN when it has not reached ``b``
+    (so methods that all reach a loss of ~0 in the end can still be told apart early)."""
+    losses = {r.index: r for r in records if r.metric == "train_loss" and r.method == method}
+    diverged = [k for k, r in losses.items() if r.extra.get("diverged")]
+    out = {}
+    for b in budgets:
+        if diverged and min(diverged) < b:
+            out[b] = math.inf
+            continue
+        tail = [losses[k].value for k in range(max(0, b - window), b) if k in losses]
+        out[b] = sum(tail) / len(tail) if len(tail) == min(window, b) and tail else math.nan
+    return out
+
+
+def steps_to_threshold(records: Sequence[Record], method: str, threshold: float) -> int | None:
+    """The first step whose ``train_loss`` (before the update) is ≤ ``threshold``, or
+    ``None`` if ``method``'s run never gets there (or diverged first)."""
+    losses = sorted(
+        (r for r in records if r.metric == "train_loss" and r.method == method),
+        key=lambda r: r.index,
+    )
+    for r in losses:
+        if r.extra.get("diverged"):
+            return None
+        if r.value <= threshold:
+            return r.index
+    return None
+
+
 def grid_search(
     problem: Problem,
     method: str,
@@ -367,11 +401,22 @@ def grid_search(
     seed: int = 0,
     fixed: Mapping[str, Any] | None = None,
     progress: bool = True,
+    extend: int = 0,
+    score_steps: int | None = None,
 ) -> tuple[dict[str, Any], list[Record]]:
     """Train built-in ``method`` with every combination of ``grid`` and pick the best.
 
     The score of a combination is its mean training loss over the last
-    ``max(1, steps // 10)`` steps (``inf`` when it diverges).
+    ``max(1, steps // 10)`` steps (``inf`` when it diverges), or, with ``score_steps``,
+    its loss after that step budget (:func:`budget_losses`, window ``max(1,
+    score_steps // 10)``), so that runs which all reach a loss of ~0 by ``steps`` are
+    still ranked.
+
+    With ``extend > 0`` the grid grows where the optimum sits on its edge (Benzing 2022,
+    App. D.2): while the best value of a numeric hyperparameter with at least two
+    positive grid values is the smallest (largest), the next value beyond it on the
+    grid's outer log spacing is added and the new combinations are run; at most
+    ``extend`` rounds.
 
     Args:
         problem: The training problem.
@@ -379,25 +424,68 @@ def grid_search(
         grid: Hyperparameter name -> values (e.g. ``{"lr": [0.01, 0.1], "damping": [1e-3]}``).
         steps, batch_size, seed: As in :func:`train`.
         fixed: Further hyperparameters held fixed.
+        extend: Rounds of edge extension (0: the grid as given).
+        score_steps: Step budget of the score (``None``: the end of the run).
 
     Returns:
         The best hyperparameters (``grid`` entries only) and records of section ``"grid"``:
-        ``metric="final_train_loss"`` per combination, its hyperparameters in ``extra``.
+        ``metric="final_train_loss"`` per combination (the score), its hyperparameters in
+        ``extra`` and ``extra["round"]``, the extension round that ran it (0 = the grid as
+        given); the best combination's record has ``extra["best"] = True``.
     """
     check_train_methods([method])
     if not grid or any(len(v) == 0 for v in grid.values()):
         raise ValueError("grid must name at least one hyperparameter, each with values")
+    if score_steps is not None and not 1 <= score_steps <= steps:
+        raise ValueError(f"score_steps must lie in 1..steps={steps}, got {score_steps!r}")
     names = list(grid)
-    window = max(1, steps // 10)
-    best_score, best_hp = math.inf, None
-    records = []
-    combos = list(itertools.product(*(grid[k] for k in names)))
-    for values in tqdm(combos, desc=f"grid {method}", disable=not progress, leave=False):
-        hp = dict(zip(names, values))
-        make = stepper(method, problem.loss_fn, **{**(fixed or {}), **hp})
-        found = train(problem, {method: make}, steps, batch_size, seed, progress=False)
-        score = final_loss(found, method, window)
-        records.append(Record("grid", "final_train_loss", method, score, extra=dict(hp)))
-        if best_hp is None or score < best_score:
-            best_score, best_hp = score, hp
+    values = {k: list(dict.fromkeys(v)) for k, v in grid.items()}
+    window = max(1, (score_steps or steps) // 10)
+    scores: dict[tuple, float] = {}
+    records: list[Record] = []
+    for round_ in range(extend + 1):
+        combos = [c for c in itertools.product(*(values[k] for k in names)) if c not in scores]
+        for combo in tqdm(combos, desc=f"grid {method}", disable=not progress, leave=False):
+            hp = dict(zip(names, combo))
+            make = stepper(method, problem.loss_fn, **{**(fixed or {}), **hp})
+            found = train(problem, {method: make}, steps, batch_size, seed, progress=False)
+            if score_steps is None:
+                score = final_loss(found, method, window)
+            else:
+                score = budget_losses(found, method, [score_steps], window)[score_steps]
+                score = math.inf if math.isnan(score) else score
+            scores[combo] = score
+            records.append(
+                Record("grid", "final_train_loss", method, score, extra={**hp, "round": round_})
+            )
+        best = min(scores, key=lambda c: scores[c])
+        if round_ == extend or not _extend_at_edges(values, names, best):
+            break
+    best = min(scores, key=lambda c: scores[c])
+    best_hp = dict(zip(names, best))
+    records = [
+        dataclasses.replace(r, extra={**r.extra, "best": True})
+        if all(r.extra[k] == v for k, v in best_hp.items())
+        else r
+        for r in records
+    ]
     return best_hp, records
+
+
+def _extend_at_edges(values: dict[str, list[Any]], names: Sequence[str], best: tuple) -> bool:
+    """Add one value beyond each grid edge the ``best`` combination sits on (log spacing of
+    the two outermost values); ``True`` when anything was added."""
+    grew = False
+    for name, v in zip(names, best):
+        grid = values[name]
+        numeric = [x for x in grid if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if len(numeric) < 2 or len(numeric) != len(grid) or min(numeric) <= 0:
+            continue
+        ordered = sorted(numeric)
+        if v == ordered[-1]:
+            grid.append(ordered[-1] * ordered[-1] / ordered[-2])
+            grew = True
+        elif v == ordered[0]:
+            grid.append(ordered[0] * ordered[0] / ordered[1])
+            grew = True
+    return grew

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from curvlab.layers import find_layers
-from curvlab.models import MODELS, build_model, load_user_model
+from curvlab.models import MODELS, build_model, kaiming_normal_, load_user_model
 
 IMAGE = (1, 8, 8)
 ALLOWED = (
@@ -130,3 +130,17 @@ def test_load_user_model_errors(user_module):
         load_user_model(f"{user_module}:NOT_CALLABLE")
     with pytest.raises(TypeError, match="returned a str"):
         load_user_model(f"{user_module}:not_a_model")
+
+
+def test_kaiming_normal_init():
+    model = build_model("mlp", (400,), 10, hidden=(300, 300), activation="relu")
+    state = torch.random.get_rng_state()
+    kaiming_normal_(model, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    for layer in (m for m in model if isinstance(m, nn.Linear)):
+        expect = (2.0 / layer.weight.shape[1]) ** 0.5
+        assert abs(float(layer.weight.detach().std()) / expect - 1) < 0.05
+        assert abs(float(layer.weight.detach().mean())) < 0.1 * expect
+        assert not layer.bias.any()
+    again = kaiming_normal_(build_model("mlp", (400,), 10, hidden=(300, 300)), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))

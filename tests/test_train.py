@@ -11,14 +11,16 @@ from torch import nn
 
 import curvlab
 from curvlab.compare.cosine import cosine
-from curvlab.records import to_dataframe
+from curvlab.records import Record, to_dataframe
 from curvlab.train import (
     TRAIN_METHODS,
     Diagnostics,
     Problem,
     batches,
+    budget_losses,
     grid_search,
     stepper,
+    steps_to_threshold,
     train,
 )
 
@@ -197,3 +199,37 @@ def test_a_step_that_raises_on_divergence_stops_only_its_method():
     (failed,) = [r for r in records if r.method == "fails" and r.metric == "train_loss"]
     assert failed.extra["diverged"] and "SingularMatrixError" in failed.extra["error"]
     assert len([r for r in records if r.method == "sgd" and r.metric == "train_loss"]) == 3
+
+
+def test_grid_extends_where_the_optimum_sits_on_an_edge():
+    """App. D.2: lr 1e-3 and 1e-2 are both too small; the grid grows by decades until the
+    best learning rate is interior (or the rounds run out)."""
+    prob = make_problem()
+    best, records = grid_search(
+        prob, "sgd", {"lr": [1e-3, 1e-2]}, steps=8, batch_size=48, progress=False, extend=5
+    )
+    tried = {round(r.extra["lr"], 12): r.extra["round"] for r in records}
+    assert tried[1e-3] == tried[1e-2] == 0 and tried[0.1] == 1 and tried[1.0] == 2
+    scores = {round(r.extra["lr"], 12): r.value for r in records}
+    assert best["lr"] == pytest.approx(min(scores, key=scores.get))
+    ordered = sorted(scores)
+    assert ordered[0] < best["lr"] < ordered[-1]  # interior at the end
+    assert [r.extra.get("best", False) for r in records].count(True) == 1
+    fixed, _ = grid_search(
+        prob, "sgd", {"lr": [1e-3, 1e-2]}, steps=8, batch_size=48, progress=False
+    )
+    assert fixed == {"lr": 1e-2}  # no extension: the edge value
+
+
+def test_budget_losses_and_steps_to_threshold():
+    rows = [Record("train", "train_loss", "m", v, index=k) for k, v in enumerate([4, 3, 2, 1, 0.5])]
+    assert budget_losses(rows, "m", [1, 3, 5, 9]) == {1: 4, 3: 2, 5: 0.5} | {
+        9: pytest.approx(math.nan, nan_ok=True)
+    }
+    assert budget_losses(rows, "m", [4], window=2) == {4: 1.5}
+    assert steps_to_threshold(rows, "m", 2.5) == 2 and steps_to_threshold(rows, "m", 0.1) is None
+    broken = rows[:2] + [
+        Record("train", "train_loss", "m", math.nan, index=2, extra={"diverged": True})
+    ]
+    assert budget_losses(broken, "m", [2, 3]) == {2: 3, 3: math.inf}
+    assert steps_to_threshold(broken, "m", 0.1) is None
