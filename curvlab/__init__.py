@@ -2,14 +2,23 @@
 
 One :func:`capture` (one forward, one batched backward) feeds every curvature object:
 :class:`ExactFisher` and :class:`BlockDiagFisher` (Woodbury, exact), :class:`KFAC`,
-:class:`FOOF` and :class:`EKFAC`.  ``curvlab.compare(...)`` compares them with the
+:class:`FOOF` and :class:`EKFAC`; :func:`register_method` adds approximations of your
+own.  ``curvlab.compare(...)`` compares them with the
 exact Fisher; :mod:`curvlab.optim` holds optimizers built on them.  See DESIGN.md for
 the conventions.
 """
 
 from curvlab import compare, config
 from curvlab.capture import Capture, LayerCapture, capture
-from curvlab.curvature import EKFAC, FOOF, KFAC, BlockDiagFisher, Curvature, ExactFisher
+from curvlab.curvature import (
+    EKFAC,
+    FOOF,
+    KFAC,
+    BlockDiagFisher,
+    Curvature,
+    ExactFisher,
+)
+from curvlab.methods import register_method
 
 __version__ = "0.1.0"
 
@@ -25,4 +34,5 @@ __all__ = [
     "KFAC",
     "FOOF",
     "EKFAC",
+    "register_method",
 ]

@@ -2,9 +2,12 @@
 
 Each method is a *stepper factory*: ``make(model) -> step`` where ``step(inputs, targets)``
 performs one update of ``model`` in place and returns the mini-batch loss before the
-update.  :func:`stepper` builds the factories of the built-in methods
-(:data:`TRAIN_METHODS`; names as in :mod:`curvlab.compare`: ``"exact"`` is the exact
-natural gradient) from :mod:`curvlab.optim`.  :func:`train` gives every method a fresh
+update.  :func:`stepper` builds the factories of the registered methods
+(:data:`TRAIN_METHODS`, the training view of :mod:`curvlab.methods`; names as in
+:mod:`curvlab.compare`: ``"exact"`` is the exact natural gradient) from their
+optimizers in :mod:`curvlab.optim`; a method without a dedicated optimizer trains with
+its curvature rebuilt from each mini-batch
+(:class:`~curvlab.optim.one_batch.OneBatchCurvature`).  :func:`train` gives every method a fresh
 copy of the same initial model and the same mini-batch sequence, and returns records:
 
 * section ``"train"``: ``train_loss`` (index = step, the mini-batch loss before each
@@ -36,12 +39,25 @@ from tqdm.auto import tqdm
 
 from curvlab.compare.analysis import Analysis
 from curvlab.compare.cosine import cosine_records
-from curvlab.compare.methods import check_methods
 from curvlab.compare.progress import progress_records
 from curvlab.compare.run import DEFAULT_LRS
 from curvlab.errors import NonFiniteError, SingularMatrixError
-from curvlab.optim import FOOF, KFAC, SINGD, NaturalGradient, TwoLevelKFAC
+from curvlab.methods import TRAIN_METHODS, check_methods, check_train_methods
 from curvlab.records import NETWORK, Record
+
+__all__ = [
+    "DIVERGENCE_ERRORS",
+    "TRAIN_METHODS",
+    "Diagnostics",
+    "Problem",
+    "batches",
+    "check_train_methods",
+    "evaluate",
+    "final_loss",
+    "grid_search",
+    "stepper",
+    "train",
+]
 
 DIVERGENCE_ERRORS = (NonFiniteError, SingularMatrixError, torch.linalg.LinAlgError)
 """Errors a diverging run raises inside a step (non-finite outputs or statistics, a
@@ -50,84 +66,18 @@ curvature matrix that cannot be factorised); :func:`train` records them as diver
 Step = Callable[[Tensor, Tensor], float]
 StepperFactory = Callable[[nn.Module], Step]
 
-TRAIN_METHODS: dict[str, tuple[str, Callable[..., Any] | None, dict[str, Any]]] = {
-    # name: (summary, optimizer class (None: SGD), defaults)
-    "sgd": ("stochastic gradient descent (torch.optim.SGD)", None, {"lr": 0.3}),
-    "exact": (
-        "exact natural gradient, full Fisher (Woodbury)",
-        NaturalGradient,
-        {"lr": 0.3, "damping": 0.1},
-    ),
-    "blockdiag": (
-        "exact natural gradient, block-diagonal Fisher",
-        NaturalGradient,
-        {"lr": 0.3, "damping": 0.1, "structure": "block_diagonal"},
-    ),
-    "kfac": ("KFAC, heuristic damping", KFAC, {"lr": 0.1, "damping": 1e-3}),
-    "kfac-standard": (
-        "KFAC, standard damping (A ⊗ G + λI)⁻¹",
-        KFAC,
-        {"lr": 0.03, "damping": 1e-3, "damping_mode": "standard"},
-    ),
-    "foof": ("FOOF, (A + λI)⁻¹ per layer", FOOF, {"lr": 0.3, "damping": 1e-3}),
-    "foof-kfac-damping": (
-        "FOOF with KFAC's A-side damping, (A + π√λ I)⁻¹ per layer",
-        FOOF,
-        {"lr": 0.1, "damping": 1e-3, "damping_mode": "heuristic"},
-    ),
-    "two-level-kfac": (
-        "KFAC plus the coarse-space correction",
-        TwoLevelKFAC,
-        {"lr": 0.1, "damping": 1e-3},
-    ),
-    "singd": ("SINGD (IKFAC rule, dense factors)", SINGD, {"lr": 0.05, "damping": 1e-3}),
-}
-"""Built-in methods of :func:`stepper`: summary, optimizer and default hyperparameters.
-
-The defaults are the best of a small grid (lr x λ, 50 steps, batch 128) for the built-in
-MLP on the digits (``foof-kfac-damping`` takes KFAC's); tune them for other problems
-with :func:`grid_search`."""
-
-
-def check_train_methods(names: Sequence[str]) -> list[str]:
-    """Validate training method names (order kept, duplicates dropped).
-
-    Raises:
-        ValueError: an unknown or no method; the message lists :data:`TRAIN_METHODS`.
-    """
-    names = list(dict.fromkeys(names))
-    for name in names:
-        if name not in TRAIN_METHODS:
-            raise ValueError(f"unknown method '{name}'; choose from {', '.join(TRAIN_METHODS)}")
-    if not names:
-        raise ValueError(f"no method given; choose from {', '.join(TRAIN_METHODS)}")
-    return names
-
 
 def stepper(name: str, loss_fn: nn.Module, **hparams: Any) -> StepperFactory:
-    """The stepper factory of built-in method ``name`` with ``hparams`` over its defaults.
+    """The stepper factory of registered method ``name`` with ``hparams`` over its defaults.
 
     ``hparams`` are keyword arguments of the method's optimizer (``lr``, ``damping``,
     ``momentum``, ``fisher``, ...; SGD takes ``lr``, ``momentum``, ``weight_decay``).
     """
     check_train_methods([name])
-    _, cls, defaults = TRAIN_METHODS[name]
-    options = {**defaults, **hparams}
+    method = TRAIN_METHODS[name]
 
     def make(model: nn.Module) -> Step:
-        if cls is None:
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], **options)
-
-            def sgd_step(inputs: Tensor, targets: Tensor) -> float:
-                opt.zero_grad()
-                with torch.enable_grad():
-                    loss = loss_fn(model(inputs), targets)
-                    loss.backward()
-                opt.step()
-                return float(loss.detach())
-
-            return sgd_step
-        return cls(model, loss_fn, **options).step
+        return method.make_optimizer(model, loss_fn, **hparams).step
 
     return make
 
@@ -420,7 +370,7 @@ def grid_search(
 
     Args:
         problem: The training problem.
-        method: A key of :data:`TRAIN_METHODS`.
+        method: A training method (:data:`TRAIN_METHODS`).
         grid: Hyperparameter name -> values (e.g. ``{"lr": [0.01, 0.1], "damping": [1e-3]}``).
         steps, batch_size, seed: As in :func:`train`.
         fixed: Further hyperparameters held fixed.

@@ -70,7 +70,7 @@ def test_sgd_and_exact_ng_steppers_take_the_documented_step():
 
 
 def test_unknown_method_names_the_choices():
-    with pytest.raises(ValueError, match="choose from sgd, exact"):
+    with pytest.raises(ValueError, match="unknown method 'adam'; choose from exact, .*sgd"):
         stepper("adam", nn.CrossEntropyLoss())
 
 
@@ -173,9 +173,8 @@ def test_every_builtin_method_trains():
     assert (loss.last() < loss.first()).all(), loss.agg(["first", "last"])
 
 
-def test_grid_search_scores_divergence_as_inf(monkeypatch):
+def test_grid_search_scores_divergence_as_inf():
     prob = make_problem()
-    monkeypatch.setitem(TRAIN_METHODS, "nan-sgd", ("test", None, {"lr": 0.1}))
     best, records = grid_search(
         prob, "sgd", {"lr": [0.1, float("nan")]}, steps=3, batch_size=48, progress=False
     )

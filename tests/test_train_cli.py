@@ -79,7 +79,7 @@ def test_second_run_refuses_without_force(report, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--methods", "sgd,adam"], "unknown method 'adam'; choose from sgd, exact"),
+        (["--methods", "sgd,adam"], "unknown method 'adam'; choose from exact, blockdiag"),
         (["--lr", "kfac=abc"], "not a number"),
         (["--lr", "exact=0.1"], "not among --methods"),
         (["--damping", "sgd=0.1"], "'sgd', which has no damping"),

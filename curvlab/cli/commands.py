@@ -22,7 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from curvlab.cli.common import Parser, UsageError
+from curvlab.cli.common import Parser, UsageError, add_plugin_option, load_plugins
 from curvlab.cli.compare import (
     COMMANDS,
     add_compare_options,
@@ -34,8 +34,8 @@ from curvlab.compare.methods import METHODS
 from curvlab.compare.run import SECTIONS
 from curvlab.data import DATASETS
 from curvlab.losses import FISHER_TYPES
+from curvlab.methods import TRAIN_METHODS
 from curvlab.models import MODELS
-from curvlab.train import TRAIN_METHODS
 
 _DESCRIPTION = """\
 Curvature diagnostics: compare the exact subsampled Fisher/GGN with block-diagonal,
@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_compare_options(p, sections, models, out)
     add_train_parser(sub)
-    sub.add_parser("list", help="list valid methods, models, datasets, Fisher types, sections")
+    listing = sub.add_parser(
+        "list", help="list valid methods, models, datasets, Fisher types, sections"
+    )
+    add_plugin_option(listing)
     return parser
 
 
@@ -89,9 +92,9 @@ def _list() -> str:
         f"sections: {', '.join(SECTIONS)}",
         "training methods (curvlab train; default hyperparameters):",
     ]
-    for name, (summary, _, defaults) in TRAIN_METHODS.items():
-        hp = ", ".join(f"{k}={v}" for k, v in defaults.items())
-        lines.append(f"  {name:<15} {summary} [{hp}]")
+    for name, method in TRAIN_METHODS.items():
+        hp = ", ".join(f"{k}={v}" for k, v in method.defaults.items())
+        lines.append(f"  {name:<15} {method.train_summary} [{hp}]")
     return "\n".join(lines)
 
 
@@ -107,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         if args.command == "list":
+            load_plugins(args.plugin)
             print(_list())
             return 0
         if args.command == "train":

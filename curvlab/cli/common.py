@@ -13,6 +13,7 @@ from torch import nn
 
 from curvlab.data import DATASETS, CorruptDataError
 from curvlab.errors import CurvlabError
+from curvlab.methods import load_plugin
 from curvlab.models import MODELS, build_model, load_user_model
 from curvlab.records import Record
 from curvlab.report.writer import REPORT_MARKERS, write_report
@@ -32,6 +33,31 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: error: {message}")
+
+
+def add_plugin_option(group: argparse._ActionGroup) -> None:
+    """``--plugin``: modules that register methods (:func:`curvlab.methods.load_plugin`)."""
+    group.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        help="register methods before the run: 'package.module' (registers on import) or "
+        "'package.module:function' (called with no arguments); repeatable",
+    )
+
+
+def load_plugins(specs: Sequence[str]) -> None:
+    """Load every ``--plugin`` (comma-separated lists allowed).
+
+    Raises:
+        UsageError: a plugin cannot be imported or called.
+    """
+    for text in specs:
+        for spec in names(text):
+            try:
+                load_plugin(spec)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
 
 
 def names(text: str) -> list[str]:

@@ -20,9 +20,11 @@ from curvlab.cli.common import (
     DTYPES,
     POOL,
     UsageError,
+    add_plugin_option,
     check_problem,
     device,
     load_model,
+    load_plugins,
     names,
     optional,
     run_and_report,
@@ -102,6 +104,7 @@ def add_compare_options(
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [default: cpu]")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="[default: float32]")
     c = p.add_argument_group("comparison")
+    add_plugin_option(c)
     c.add_argument(
         "--fisher",
         default="exact",
@@ -174,6 +177,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         UsageError: an invalid option, with the valid choices.
     """
+    load_plugins(args.plugin)
     try:
         methods = check_methods([args.reference, *names(args.methods)])
         rescale = optional(args.rescale_to)
@@ -213,6 +217,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "fisher": args.fisher,
         "mc_samples": args.mc_samples,
         "methods": methods,
+        "plugins": list(args.plugin),
         "reference": args.reference,
         "damping": list(damping),
         "headline_damping": damping[len(damping) // 2],

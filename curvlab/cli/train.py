@@ -20,9 +20,11 @@ from curvlab.cli.common import (
     DTYPES,
     POOL,
     UsageError,
+    add_plugin_option,
     check_problem,
     device,
     load_model,
+    load_plugins,
     names,
     optional,
     run_and_report,
@@ -102,6 +104,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--diagnose-damping", type=float, default=1e-3, help="λ of the diagnostics [1e-3]"
     )
+    add_plugin_option(t)
     o = p.add_argument_group("output")
     o.add_argument("--out", default="curvlab-train", help="report folder [./curvlab-train]")
     o.add_argument("--force", action="store_true", help="overwrite a report already in --out")
@@ -137,12 +140,13 @@ def per_method(
 
 def resolve_train_config(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the ``train`` options into the run configuration."""
+    load_plugins(args.plugin)
     try:
         methods = check_train_methods(names(args.methods))
         diag_methods = check_methods(names(args.diagnose_methods))
     except ValueError as err:
         raise UsageError(str(err)) from None
-    hparams: dict[str, dict[str, Any]] = {m: dict(TRAIN_METHODS[m][2]) for m in methods}
+    hparams: dict[str, dict[str, Any]] = {m: dict(TRAIN_METHODS[m].defaults) for m in methods}
     for what in HPARAMS:
         accepts = [m for m in methods if what in hparams[m]]
         for m, value in per_method(getattr(args, what), methods, what, accepts).items():

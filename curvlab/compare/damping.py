@@ -6,14 +6,17 @@ Metrics, each recorded per λ:
   direction against the reference's, e.g. KFAC with heuristic vs standard damping
   against the exact natural gradient (Benzing 2022, Fig. 3A);
 * ``"cosine"`` and ``"cosine_foof"`` (reference = the FOOF variant ``foof``, network;
-  when the methods include a FOOF variant): every KFAC variant against FOOF, Euclidean
-  and in FOOF's inner product ``A ⊗ I`` (Fig. 3B).  By default FOOF is the paper's,
-  ``foof-kfac-damping`` (``∇W (A + π√λ I)⁻¹``, KFAC's own A-side damping); ``"foof"``
-  (``A + λI``) is nearly undamped next to it once π grows during training;
-* ``"cross_terms_ratio"`` (per layer and network, KFAC variants with heuristic
-  damping): ``‖π√λ I⊗G + A⊗(√λ/π) I‖_F / ‖λ I‖_F`` — how much the factored
-  Tikhonov damping ``(A + π√λ I) ⊗ (G + √λ/π I)`` adds beyond ``A ⊗ G + λI``;
-  the network value combines the layers' squared norms;
+  when the methods include a FOOF variant, i.e. a method with FOOF's matrix): every
+  other Kronecker-factored method (``Curvature.kronecker_factored``: the KFAC variants
+  and the other Kronecker approximations) against FOOF, Euclidean and in FOOF's inner
+  product ``A ⊗ I`` (Fig. 3B).  By default FOOF is the paper's, ``foof-kfac-damping``
+  (``∇W (A + π√λ I)⁻¹``, KFAC's own A-side damping); ``"foof"`` (``A + λI``) is nearly
+  undamped next to it once π grows during training;
+* ``"cross_terms_ratio"`` (per layer and network, those Kronecker-factored methods
+  whose damping rule is not ``C + λI``, ``Curvature.damping_excess``): for KFAC's
+  heuristic damping ``‖π√λ I⊗G + A⊗(√λ/π) I‖_F / ‖λ I‖_F`` — how much the factored
+  Tikhonov damping ``(A + π√λ I) ⊗ (G + √λ/π I)`` adds beyond ``A ⊗ G + λI``; the
+  network value combines the layers' squared norms;
 * ``"effective_step_size"`` (per layer and network, every method):
   ``‖d_l(λ)‖ / ‖g_l‖``, the step length per unit learning rate relative to SGD.
 """
@@ -27,16 +30,27 @@ import torch
 
 from curvlab.compare.analysis import Analysis
 from curvlab.compare.cosine import cosine_matrix
-from curvlab.curvature.foof import FOOF
-from curvlab.curvature.kfac import KFAC
+from curvlab.methods import METHODS
 from curvlab.records import NETWORK, Record
 
 FOOF_REFERENCE = "foof-kfac-damping"
 """The FOOF of the KFAC-vs-FOOF cosines by default (Benzing 2022, App. D.9)."""
 
 
-def _kfac_variants(analysis: Analysis, methods: Sequence[str]) -> list[str]:
-    return [m for m in methods if isinstance(analysis.curvature(m), KFAC)]
+def _is_foof(method: str) -> bool:
+    """A FOOF variant: a method whose matrix is FOOF's ``A ⊗ I``."""
+    return METHODS[method].matrix == "foof"
+
+
+def _kronecker_methods(analysis: Analysis, methods: Sequence[str]) -> list[str]:
+    """Methods other than the FOOF variants whose every layer block is one Kronecker
+    product."""
+    found = []
+    for m in methods:
+        curv = analysis.curvature(m)
+        if not _is_foof(m) and curv is not None and curv.kronecker_factored:
+            found.append(m)
+    return found
 
 
 def damping_records(
@@ -49,7 +63,7 @@ def damping_records(
     """The records described in the module docstring, for every λ in ``dampings``;
     ``foof`` names the FOOF variant of the KFAC-vs-FOOF cosines."""
     records = []
-    kfacs = _kfac_variants(analysis, methods)
+    kfacs = _kronecker_methods(analysis, methods)
     for lam in dampings:
         ref = analysis.direction(reference, lam)
         for m in methods:
@@ -58,7 +72,7 @@ def damping_records(
                 records.append(
                     Record("damping", "cosine", m, value, reference=reference, damping=lam)
                 )
-        if any(isinstance(analysis.curvature(m), FOOF) for m in methods):
+        if any(_is_foof(m) for m in methods):
             foof_dir = analysis.direction(foof, lam)
             for m in kfacs:
                 pair = [analysis.direction(m, lam), foof_dir]
@@ -77,11 +91,12 @@ def _cross_terms(analysis: Analysis, methods: Sequence[str], lam: float) -> list
     records = []
     for m in methods:
         curv = analysis.curvature(m)
-        if curv.damping_mode != "heuristic":
+        if curv is None or curv.damping_excess(lam) is None:
             continue
         total_sq = 0.0
         for layer, block in curv.blocks.items():
-            norm = float(block.cross_terms_norm(lam))
+            excess = block.damping_excess(lam)
+            norm = 0.0 if excess is None else float(excess)
             total_sq += norm**2
             ratio = norm / (lam * math.sqrt(block.num_params))
             records.append(Record("damping", "cross_terms_ratio", m, ratio, layer, damping=lam))

@@ -19,7 +19,10 @@ at the ``k``-th (FOOF's ``A ⊗ I`` repeats each eigenvalue ``d_out`` times), th
 eigenvectors enter the projector with equal weights ``r / m`` (``r`` of the ``m`` tied
 ones needed), so the overlap does not depend on the eigensolver's basis.  The
 approximation's eigenvectors are never formed: ``x ↦ Q_outᵀ X Q_in`` projects the exact
-ones onto Kronecker eigenbases.
+ones onto Kronecker eigenbases.  Spectra and projections are members of the curvature
+interface (:meth:`~curvlab.Curvature.nonzero_eigenvalues`,
+:meth:`~curvlab.Curvature.eigen_projections`; other matrices fall back to a dense
+eigendecomposition within the memory budget).
 """
 
 from __future__ import annotations
@@ -32,52 +35,15 @@ from torch import Tensor
 from curvlab.compare.analysis import Analysis
 from curvlab.compare.errors import distinct_matrices
 from curvlab.compare.methods import METHODS
-from curvlab.curvature import Curvature, GramFisher, LayerwiseCurvature
-from curvlab.curvature.eigen_block import EigenBlock
-from curvlab.numerics import SOLVE_DTYPE
+from curvlab.curvature import Curvature, GramFisher
+from curvlab.curvature.base import TIE_RTOL
 from curvlab.records import NETWORK, Record
-
-TIE_RTOL = 1e-9
-"""Eigenvalues within this fraction of the largest one count as tied."""
-
-
-def _gram_eigh(analysis: Analysis, curv: GramFisher) -> tuple[Tensor, Tensor]:
-    """Descending eigenvalues of ``s K`` and the Gram's eigenvectors (columns), cached."""
-
-    def compute() -> tuple[Tensor, Tensor]:
-        values, vectors = torch.linalg.eigh(curv.gram)
-        return (curv.scale * values).flip(0), vectors.flip(1)
-
-    return analysis.cached(("gram_eigh", id(curv)), compute)
-
-
-def _above_tolerance(values: Tensor, size: int, dtype: torch.dtype) -> Tensor:
-    """``values`` above ``size · eps(dtype) · max(values)``."""
-    if values.numel() == 0:
-        return values
-    top = values.max()
-    if top <= 0:
-        return values[:0]
-    return values[values > size * torch.finfo(dtype).eps * top]
-
-
-def _eigenvalues(analysis: Analysis, curv: Curvature) -> Tensor:
-    """Numerically non-zero eigenvalues (unsorted, float64), each eigenproblem with its own
-    tolerance: the Gram's size for exact matrices, the larger Kronecker factor's for
-    eigenbasis blocks, the matrix size otherwise."""
-    if isinstance(curv, GramFisher):
-        values = _gram_eigh(analysis, curv)[0]
-        return _above_tolerance(values, values.numel(), curv.dtype)
-    if isinstance(curv, EigenBlock):
-        return _above_tolerance(curv.d.reshape(-1), max(curv.d.shape), curv.dtype)
-    if isinstance(curv, LayerwiseCurvature):
-        return torch.cat([_eigenvalues(analysis, b) for b in curv.blocks.values()])
-    return _above_tolerance(curv.eigvalsh().to(SOLVE_DTYPE), curv.num_params, curv.dtype)
 
 
 def nonzero_spectrum(analysis: Analysis, curv: Curvature) -> Tensor:
-    """The numerically non-zero eigenvalues of ``curv``, descending, float64."""
-    return _eigenvalues(analysis, curv).sort(descending=True).values
+    """The numerically non-zero eigenvalues of ``curv``, descending, float64
+    (:meth:`curvlab.Curvature.nonzero_eigenvalues`)."""
+    return curv.nonzero_eigenvalues().sort(descending=True).values
 
 
 def _layer_matrices(methods: Sequence[str]) -> list[str]:
@@ -120,64 +86,11 @@ def spectrum_records(
     return records
 
 
-def _combine_columns(analysis: Analysis, layers: Sequence[str], coef: Tensor) -> Tensor:
-    """``U c`` for ``coef`` of shape ``(N C', k)`` (rows ``(n, c)``): flat ``(P_layers, k)``."""
-    capt = analysis.capture
-    n, k = capt.batch_size, coef.shape[1]
-    cc = coef.reshape(n, capt.num_columns, k)
-    parts = []
-    for name in layers:
-        lc = capt.layers[analysis.layer_names.index(name)]
-        ec = torch.einsum("nck,cnto->knto", cc, lc.e.to(SOLVE_DTYPE))
-        mat = torch.einsum("knto,ntj->koj", ec, lc.a.to(SOLVE_DTYPE))
-        parts.append(lc.info.to_flat(mat))
-    return torch.cat(parts, dim=1).T
-
-
-def _top_count(values: Tensor, k: int) -> int:
-    """How many of the descending ``values`` are ``≥`` the ``k``-th largest, ties included."""
-    if values.numel() == 0:
-        return 0
-    kth = values[min(k, values.numel()) - 1]
-    return int((values >= kth - TIE_RTOL * values[0]).sum())
-
-
 def top_eigenvectors(analysis: Analysis, curv: GramFisher, k: int) -> tuple[Tensor, Tensor]:
     """The top-``k`` numerically non-zero eigenvalues (descending, plus any tied with the
-    ``k``-th) of an exact Gram-based matrix and its unit eigenvectors ``(P, m)``, float64."""
-    values, vectors = _gram_eigh(analysis, curv)
-    m = _top_count(_above_tolerance(values, values.numel(), curv.dtype), k)
-    coef = vectors[:, :m] / (values[:m] / curv.scale).sqrt()
-    return values[:m], _combine_columns(analysis, list(curv.blocks), coef)
-
-
-def _block_projections(
-    analysis: Analysis, curv: Curvature, x: Tensor, k: int
-) -> tuple[Tensor, Tensor]:
-    """Top eigenvalues ``(m,)`` of one block (ties with the ``k``-th included) and
-    ``xᵀ u_j`` ``(kx, m)`` for its unit eigenvectors ``u_j`` and ``x`` ``(p, kx)``."""
-    if isinstance(curv, GramFisher):
-        values, vectors = top_eigenvectors(analysis, curv, k)
-        return values, x.T @ vectors
-    if isinstance(curv, EigenBlock):
-        info = curv.info
-        mats = info.to_matrix(x.T)  # (kx, d_out, d_in_h)
-        rot = mats @ curv.q_in if curv.q_out is None else curv.q_out.T @ mats @ curv.q_in
-        d = curv.d.reshape(-1)
-        values, order = d.sort(descending=True)
-        m = _top_count(_above_tolerance(values, max(curv.d.shape), curv.dtype), k)
-        return values[:m], rot.reshape(x.shape[1], -1)[:, order[:m]]
-    if isinstance(curv, LayerwiseCurvature):
-        values, proj, offset = [], [], 0
-        for block in curv.blocks.values():
-            v, p = _block_projections(analysis, block, x[offset : offset + block.num_params], k)
-            values.append(v)
-            proj.append(p)
-            offset += block.num_params
-        all_values, order = torch.cat(values).sort(descending=True)
-        m = _top_count(all_values, k)
-        return all_values[:m], torch.cat(proj, dim=1)[:, order[:m]]
-    raise ValueError(f"no eigenvectors for a {type(curv).__name__}")
+    ``k``-th) of an exact Gram-based matrix and its unit eigenvectors ``(P, m)``, float64
+    (:meth:`curvlab.GramFisher.top_eigenvectors`)."""
+    return curv.top_eigenvectors(k)
 
 
 def tie_weights(values: Tensor, k: int) -> Tensor:
@@ -215,7 +128,7 @@ def overlap_records(analysis: Analysis, methods: Sequence[str], top_k: int = 10)
     records = []
     for layer in [NETWORK, *analysis.layer_names]:
         exact = analysis.exact if layer == NETWORK else analysis.block("exact", layer)
-        exact_values, x = top_eigenvectors(analysis, exact, top_k)
+        exact_values, x = exact.top_eigenvectors(top_k)
         candidates = distinct_matrices(methods) if layer == NETWORK else _layer_matrices(methods)
         for method in candidates:
             if METHODS[method].matrix == "exact" or (
@@ -223,7 +136,7 @@ def overlap_records(analysis: Analysis, methods: Sequence[str], top_k: int = 10)
             ):
                 continue
             curv = analysis.curvature(method) if layer == NETWORK else analysis.block(method, layer)
-            values, proj = _block_projections(analysis, curv, x, top_k)
+            values, proj = curv.eigen_projections(x, top_k)
             for k, value in enumerate(overlap(exact_values, values, proj, top_k).tolist(), 1):
                 records.append(
                     Record("spectrum", "top_k_overlap", method, value, layer, "exact", index=k)

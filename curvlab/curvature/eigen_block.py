@@ -6,15 +6,30 @@ In the row-major ``[W | b]`` layout of a layer (``V`` of shape ``d_out x d_in_h`
 
 with orthogonal ``Q_out (d_out x d_out)``, ``Q_in (d_in_h x d_in_h)`` and eigenvalues
 ``D (d_out x d_in_h)``.  KFAC: ``D = s_G s_Aᵀ``; FOOF: ``Q_out = I``, ``D = 1 s_Aᵀ``;
-EKFAC: ``D`` = the Fisher's diagonal in the KFAC eigenbasis.  All in float64.
+EKFAC: ``D`` = the Fisher's diagonal in the KFAC eigenbasis; diagonal methods:
+``Q_out = Q_in = I``.  All in float64.
+
+Against the layer's exact block ``F = s Σ_nc vec(Γ_nc) vec(Γ_nc)ᵀ``:
+``⟨C, F⟩ = Σ D ∘ S`` with ``S = s Σ_nc (Q_outᵀ Γ_nc Q_in)²`` (the exact block's diagonal
+in this basis), ``‖C‖_F² = Σ D²``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from curvlab.curvature.base import Curvature, kron_to_flat
+from curvlab.capture import LayerCapture
+from curvlab.curvature.base import (
+    TIE_RTOL,
+    Curvature,
+    kron_to_flat,
+    numerically_nonzero,
+    top_count,
+)
+from curvlab.curvature.columns import eigenbasis_second_moment
 from curvlab.layers import LayerKind
 from curvlab.numerics import SOLVE_DTYPE, require_positive
 
@@ -25,9 +40,10 @@ class EigenBlock(Curvature):
     Args:
         info: The layer (for the flat <-> ``[W | b]`` layout).
         q_out: ``(d_out, d_out)`` orthogonal, or ``None`` for the identity.
-        q_in: ``(d_in_h, d_in_h)`` orthogonal.
+        q_in: ``(d_in_h, d_in_h)`` orthogonal, or ``None`` for the identity.
         eigenvalues: ``D`` of shape ``(d_out, d_in_h)``.
         dtype: Dtype of results.
+        kronecker_factored: ``D`` is an outer product (the block is ``A ⊗ G``).
     """
 
     @property
@@ -40,25 +56,28 @@ class EigenBlock(Curvature):
         self,
         info: LayerKind,
         q_out: Tensor | None,
-        q_in: Tensor,
+        q_in: Tensor | None,
         eigenvalues: Tensor,
         dtype: torch.dtype,
+        kronecker_factored: bool = False,
     ):
         self.info = info
         self.q_out, self.q_in, self.d = q_out, q_in, eigenvalues.to(SOLVE_DTYPE)
         self.num_params = info.num_params
-        self.device, self.dtype = q_in.device, dtype
+        self.device, self.dtype = eigenvalues.device, dtype
+        self.kronecker_factored = kronecker_factored
+        self._statistics: tuple[Tensor, float, Tensor] | None = None
 
     @property
     def blocks(self) -> dict[str, Curvature]:
         return {self.info.name: self}
 
     def _rotate(self, mat: Tensor) -> Tensor:
-        out = mat @ self.q_in
+        out = mat if self.q_in is None else mat @ self.q_in
         return out if self.q_out is None else self.q_out.T @ out
 
     def _unrotate(self, mat: Tensor) -> Tensor:
-        out = mat @ self.q_in.T
+        out = mat if self.q_in is None else mat @ self.q_in.T
         return out if self.q_out is None else self.q_out @ out
 
     def _apply(self, v: Tensor, scaling: Tensor, multiply: bool) -> Tensor:
@@ -80,10 +99,12 @@ class EigenBlock(Curvature):
         return self._apply(v, denom, multiply=False)
 
     def _dense(self) -> Tensor:
-        q_out = self.q_out
-        if q_out is None:
-            q_out = torch.eye(self.info.d_out, dtype=SOLVE_DTYPE, device=self.device)
-        q = torch.kron(q_out.contiguous(), self.q_in.contiguous())
+        eye = torch.eye(self.info.d_out, dtype=SOLVE_DTYPE, device=self.device)
+        q_out = eye if self.q_out is None else self.q_out
+        q_in = self.q_in
+        if q_in is None:
+            q_in = torch.eye(self.info.d_in_h, dtype=SOLVE_DTYPE, device=self.device)
+        q = torch.kron(q_out.contiguous(), q_in.contiguous())
         grid = (q * self.d.reshape(-1)) @ q.T
         return kron_to_flat(grid, self.info.flat_index()).to(self.dtype)
 
@@ -95,3 +116,33 @@ class EigenBlock(Curvature):
 
     def frobenius_norm(self) -> Tensor:
         return torch.linalg.vector_norm(self.d).to(self.dtype)
+
+    def squared_frobenius_norm(self) -> float:
+        return float(self.d.square().sum())
+
+    def eigenbasis_statistics(self, layer: LayerCapture, scale: float) -> tuple[Tensor, Tensor]:
+        """``(D, S)``; ``S`` is kept for the last layer capture asked about."""
+        kept = self._statistics
+        if kept is None or kept[0] is not layer.e or kept[1] != scale:
+            s = eigenbasis_second_moment(layer, self.q_out, self.q_in, scale)
+            self._statistics = kept = (layer.e, scale, s)
+        return self.d, kept[2]
+
+    def fisher_inner(self, layers: Sequence[LayerCapture], scale: float) -> float:
+        """``Σ D ∘ S`` (module docstring)."""
+        (layer,) = layers
+        d, s = self.eigenbasis_statistics(layer, scale)
+        return float((d * s).sum())
+
+    def nonzero_eigenvalues(self) -> Tensor:
+        """``D`` above the rank tolerance of the larger Kronecker factor's eigenproblem."""
+        return numerically_nonzero(self.d.reshape(-1), max(self.d.shape), self.dtype)
+
+    def eigen_projections(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Projections onto the eigenvectors ``q_out,i ⊗ q_in,j`` without forming them:
+        ``x ↦ Q_outᵀ X Q_in``."""
+        rot = self._rotate(self.info.to_matrix(x.T.to(SOLVE_DTYPE)))  # (k_x, d_out, d_in_h)
+        values, order = self.d.reshape(-1).sort(descending=True)
+        keep = numerically_nonzero(values, max(self.d.shape), self.dtype).numel()
+        m = top_count(values[:keep], k, TIE_RTOL)
+        return values[:m], rot.reshape(x.shape[1], -1)[:, order[:m]]

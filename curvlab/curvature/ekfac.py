@@ -13,32 +13,15 @@ Kronecker factors (``LayerKind.kronecker`` false) get their exact block
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from curvlab.capture import Capture, LayerCapture
-from curvlab.config import options
+from curvlab.capture import Capture
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
+from curvlab.curvature.columns import eigenbasis_second_moment
 from curvlab.curvature.eigen_block import EigenBlock
 from curvlab.curvature.exact import GramFisher
 from curvlab.curvature.factors import LayerFactors
-from curvlab.curvature.gram import per_sample_gradients
-from curvlab.numerics import SOLVE_DTYPE, compute_dtype
+from curvlab.numerics import compute_dtype
 
-
-def eigenbasis_second_moment(lc: LayerCapture, q_g: Tensor, q_a: Tensor, scale: float) -> Tensor:
-    """``s Σ_{n,c} (Q_Gᵀ Γ_nc Q_A)²`` of shape ``(d_out, d_in_h)``, chunked over samples."""
-    dtype = compute_dtype(lc.a.dtype)
-    a = lc.a.to(dtype) @ q_a.to(dtype)  # (N, T, d_in_h)
-    e = lc.e.to(dtype) @ q_g.to(dtype)  # (C', N, T, d_out)
-    c, n, _, o = e.shape
-    per_sample = c * o * a.shape[-1] * a.element_size()
-    step = max(1, options.chunk_bytes // per_sample)
-    out = torch.zeros(o, a.shape[-1], dtype=SOLVE_DTYPE, device=a.device)
-    for i in range(0, n, step):
-        g = per_sample_gradients(a[i : i + step], e[:, i : i + step].permute(1, 0, 2, 3))
-        out += g.square().sum(dim=(0, 1)).to(SOLVE_DTYPE)
-    return scale * out
+__all__ = ["EKFAC", "eigenbasis_second_moment"]
 
 
 class EKFAC(LayerwiseCurvature):

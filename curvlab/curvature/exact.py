@@ -21,7 +21,7 @@ layer's diagonal block.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 
 import torch
@@ -29,7 +29,13 @@ from torch import Tensor
 
 from curvlab.capture import Capture, LayerCapture
 from curvlab.config import format_bytes, options
-from curvlab.curvature.base import Curvature, LayerwiseCurvature
+from curvlab.curvature.base import (
+    TIE_RTOL,
+    Curvature,
+    LayerwiseCurvature,
+    numerically_nonzero,
+    top_count,
+)
 from curvlab.curvature.gram import layer_gram, layer_gram_and_cross, per_sample_gradients
 from curvlab.errors import MemoryBudgetError, SingularMatrixError
 from curvlab.numerics import (
@@ -292,6 +298,49 @@ class GramFisher(Curvature):
 
     def frobenius_norm(self) -> Tensor:
         return (self.scale * torch.linalg.matrix_norm(self.gram)).to(self.dtype)
+
+    def squared_frobenius_norm(self) -> float:
+        return float(self.scale**2 * self.gram.square().sum())
+
+    def fisher_inner(self, layers: Sequence[LayerCapture], scale: float) -> float:
+        """``‖F‖_F²`` when ``layers`` are this matrix's own; otherwise the default."""
+        if [lc.name for lc in layers] == [lc.name for lc in self._layers]:
+            return self.squared_frobenius_norm()
+        return super().fisher_inner(layers, scale)
+
+    @cached_property
+    def gram_eigh(self) -> tuple[Tensor, Tensor]:
+        """Descending eigenvalues of ``s K`` and the Gram's eigenvectors (columns)."""
+        values, vectors = torch.linalg.eigh(self.gram)
+        return (self.scale * values).flip(0), vectors.flip(1)
+
+    def nonzero_eigenvalues(self) -> Tensor:
+        """The non-zero eigenvalues of ``s K`` (rank tolerance of the Gram's size)."""
+        values = self.gram_eigh[0]
+        return numerically_nonzero(values, values.numel(), self.dtype)
+
+    def top_eigenvectors(self, k: int) -> tuple[Tensor, Tensor]:
+        """The top-``k`` numerically non-zero eigenvalues (descending, plus any tied with
+        the ``k``-th) and their unit eigenvectors ``U v / sqrt(λ_K)`` ``(P, m)``, float64."""
+        values, vectors = self.gram_eigh
+        m = top_count(numerically_nonzero(values, values.numel(), self.dtype), k, TIE_RTOL)
+        coef = vectors[:, :m] / (values[:m] / self.scale).sqrt()
+        return values[:m], self._u_columns(coef)
+
+    def eigen_projections(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        values, vectors = self.top_eigenvectors(k)
+        return values, x.to(SOLVE_DTYPE).T @ vectors
+
+    def _u_columns(self, coef: Tensor) -> Tensor:
+        """``U C`` for ``C`` of shape ``(N C', k)`` (rows ``(n, c)``): ``(P, k)``, float64."""
+        n, k = self._capture.batch_size, coef.shape[1]
+        cc = coef.reshape(n, self._capture.num_columns, k)
+        parts = []
+        for lc in self._layers:
+            ec = torch.einsum("nck,cnto->knto", cc, lc.e.to(SOLVE_DTYPE))
+            mat = torch.einsum("knto,ntj->koj", ec, lc.a.to(SOLVE_DTYPE))
+            parts.append(lc.info.to_flat(mat))
+        return torch.cat(parts, dim=1).T
 
 
 class ExactFisher(GramFisher):

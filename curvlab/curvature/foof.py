@@ -40,7 +40,7 @@ class FOOFBlock(EigenBlock):
 
     def __init__(self, info: LayerKind, eig: Eigen, dtype: torch.dtype, pi: float | None = None):
         ones = torch.ones(info.d_out, 1, dtype=eig.values.dtype, device=eig.values.device)
-        super().__init__(info, None, eig.vectors, ones * eig.values, dtype)
+        super().__init__(info, None, eig.vectors, ones * eig.values, dtype, kronecker_factored=True)
         self.pi = pi
 
     def denominator(self, damping: float) -> Tensor:

@@ -43,7 +43,12 @@ class KFACBlock(EigenBlock):
     def __init__(self, factors: LayerFactors, damping_mode: str, dtype: torch.dtype):
         ea, eg = factors.eig_A, factors.eig_G
         super().__init__(
-            factors.info, eg.vectors, ea.vectors, torch.outer(eg.values, ea.values), dtype
+            factors.info,
+            eg.vectors,
+            ea.vectors,
+            torch.outer(eg.values, ea.values),
+            dtype,
+            kronecker_factored=True,
         )
         self.factors, self.damping_mode = factors, damping_mode
 
@@ -65,6 +70,12 @@ class KFACBlock(EigenBlock):
         eig_g, eig_a = self.factors.eig_G.values, self.factors.eig_A.values
         cross = (pi * root * eig_g).unsqueeze(1) + (root / pi * eig_a).unsqueeze(0)
         return torch.linalg.vector_norm(cross).to(self.dtype)
+
+    def damping_excess(self, damping: float) -> Tensor | None:
+        """Heuristic damping: :meth:`cross_terms_norm`; standard damping: ``None``."""
+        if self.damping_mode != "heuristic":
+            return None
+        return self.cross_terms_norm(damping)
 
 
 class KFAC(LayerwiseCurvature):
