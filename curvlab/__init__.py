@@ -2,8 +2,9 @@
 
 One :func:`capture` (one forward, one batched backward) feeds every curvature object:
 :class:`ExactFisher` and :class:`BlockDiagFisher` (Woodbury, exact), :class:`KFAC`,
-:class:`FOOF` and :class:`EKFAC`; :func:`register_method` adds approximations of your
-own.  ``curvlab.compare(...)`` compares them with the
+:class:`FOOF`, :class:`EKFAC`, :class:`KFOC`, :class:`Shampoo` and the diagonals
+:class:`DiagFisher` and :class:`DiagEmpiricalFisher`; :func:`register_method` adds
+approximations of your own.  ``curvlab.compare(...)`` compares them with the
 exact Fisher; :mod:`curvlab.optim` holds optimizers built on them.  See DESIGN.md for
 the conventions.
 """
@@ -14,9 +15,13 @@ from curvlab.curvature import (
     EKFAC,
     FOOF,
     KFAC,
+    KFOC,
     BlockDiagFisher,
     Curvature,
+    DiagEmpiricalFisher,
+    DiagFisher,
     ExactFisher,
+    Shampoo,
 )
 from curvlab.methods import register_method
 
@@ -34,5 +39,9 @@ __all__ = [
     "KFAC",
     "FOOF",
     "EKFAC",
+    "KFOC",
+    "Shampoo",
+    "DiagFisher",
+    "DiagEmpiricalFisher",
     "register_method",
 ]

@@ -74,6 +74,9 @@ class Capture:
         grad_stamp: ``(data_ptr, version)`` of ``grad`` when the capture finished, so
             that :meth:`is_own_gradient` can tell the unmodified gradient from any other
             vector without comparing values.
+        empirical_ratio: ``r = s·√c`` for every Fisher type: the empirical Fisher's
+            column of sample ``n`` is its gradient rows ``g_n / r`` (``None`` where a
+            capture was assembled without it).
     """
 
     layers: list[LayerCapture]
@@ -86,6 +89,7 @@ class Capture:
     mc_samples: int
     grad_ratio: float | None = None
     grad_stamp: tuple[int, int] | None = None
+    empirical_ratio: float | None = None
 
     def is_own_gradient(self, v: Tensor) -> bool:
         """Whether ``v`` is this capture's ``grad`` itself (the same tensor, unmodified
@@ -249,6 +253,7 @@ def capture(
         mc_samples=int(mc_samples) if fisher == "mc" else 1,
         grad_ratio=scale * math.sqrt(c) if empirical else None,
         grad_stamp=None if grad is None else (grad.data_ptr(), grad._version),
+        empirical_ratio=scale * math.sqrt(c),
     )
 
 

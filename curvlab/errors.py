@@ -25,3 +25,7 @@ class SingularMatrixError(CurvlabError, ValueError):
 
 class MemoryBudgetError(CurvlabError, MemoryError):
     """An object (Gram matrix, dense matrix) would exceed the configured memory budget."""
+
+
+class ConvergenceError(CurvlabError, ArithmeticError):
+    """An iterative computation (e.g. KFOC's power iteration) did not reach its tolerance."""

@@ -16,9 +16,16 @@ OneBatchCurvature`, their curvature rebuilt from each mini-batch).  Built-in met
 ``foof-kfac-damping``   FOOF with KFAC's A-side damping, ``G_W (A + π√λ I)⁻¹`` (Benzing
                         2022, Fig. 3/4: "KFAC without G")
 ``ekfac``               EKFAC, ``(C_EKFAC + λI)⁻¹ g``
+``kfoc``                optimal Kronecker factors per layer (nearest Kronecker product)
+``shampoo2``            Shampoo², ``L ⊗ R / tr F_ll`` per layer (Morwani et al. 2025)
+``shampoo``             Shampoo, ``L^{1/2} ⊗ R^{1/2}`` per layer (Gupta et al. 2018)
+``diag-ggn``            diagonal of the compared Fisher/GGN
+``diag-ef``             diagonal of the empirical Fisher (Adam's statistic)
+``two-level-kfac``      KFAC plus the coarse-space correction (one batch in compare)
+``singd``               SINGD, IKFAC rule, dense factors (one batch in compare)
+``singd-diagonal``      SINGD with diagonal factors
+``singd-blockdiag``     SINGD with block-diagonal factors (blocks of 16)
 ``sgd``                 no curvature: the gradient itself
-``two-level-kfac``      training only: KFAC plus the coarse-space correction
-``singd``               training only: SINGD (IKFAC rule, dense factors)
 ======================  ===========================================================
 
 Training hyperparameter defaults of ``sgd``, ``exact``, ``blockdiag``, ``kfac``,
@@ -46,9 +53,13 @@ from curvlab.curvature import (
     EKFAC,
     FOOF,
     KFAC,
+    KFOC,
     BlockDiagFisher,
     Curvature,
+    DiagEmpiricalFisher,
+    DiagFisher,
     ExactFisher,
+    Shampoo,
 )
 
 if TYPE_CHECKING:
@@ -298,6 +309,21 @@ def _optimizer(name: str) -> Callable[..., Any]:
     return make
 
 
+def _two_level(analysis: Analysis) -> Curvature:
+    from curvlab.curvature.two_level import TwoLevelKFACCurvature
+
+    return TwoLevelKFACCurvature(analysis.capture)
+
+
+def _singd(structure: str) -> Builder:
+    def build(analysis: Analysis) -> Curvature:
+        from curvlab.curvature.singd import SINGDCurvature
+
+        return SINGDCurvature(analysis.capture, structure)
+
+    return build
+
+
 def _register_builtins() -> None:
     builtins = [
         Method(
@@ -377,16 +403,63 @@ def _register_builtins() -> None:
             train_summary="stochastic gradient descent (torch.optim.SGD)",
         ),
         Method(
+            "kfoc",
+            "KFOC: optimal Kronecker factors per layer, (X* ⊗ Y* + λI)⁻¹",
+            lambda a: KFOC(a.capture),
+        ),
+        Method(
+            "shampoo2",
+            "Shampoo²: L ⊗ R / tr F_ll per layer, (C + λI)⁻¹",
+            lambda a: Shampoo(a.capture, 1.0),
+        ),
+        Method(
+            "shampoo",
+            "Shampoo: L^½ ⊗ R^½ per layer, (C + λI)⁻¹",
+            lambda a: Shampoo(a.capture, 0.5),
+        ),
+        Method(
+            "diag-ggn",
+            "diagonal of the compared Fisher/GGN, g / (D + λ)",
+            lambda a: DiagFisher(a.capture),
+        ),
+        Method(
+            "diag-ef",
+            "diagonal of the empirical Fisher (Adam's statistic), g / (D + λ)",
+            lambda a: DiagEmpiricalFisher(a.capture),
+        ),
+        Method(
             "two-level-kfac",
-            "KFAC plus the coarse-space correction",
+            "two-level KFAC: KFAC_λ⁻¹ g + Zᵀ(F_c + λI)⁻¹ Z g (one batch)",
+            _two_level,
+            matrix="kfac",
             optimizer=_optimizer("TwoLevelKFAC"),
             defaults={"lr": 0.1, "damping": 1e-3},
+            train_summary="KFAC plus the coarse-space correction",
         ),
         Method(
             "singd",
-            "SINGD (IKFAC rule, dense factors)",
+            "SINGD (IKFAC) fixed point, dense factors (one batch)",
+            _singd("dense"),
+            matrix="kfac",
             optimizer=_optimizer("SINGD"),
             defaults={"lr": 0.05, "damping": 1e-3},
+            train_summary="SINGD (IKFAC rule, dense factors)",
+        ),
+        Method(
+            "singd-diagonal",
+            "SINGD (IKFAC) fixed point, diagonal factors (one batch)",
+            _singd("diagonal"),
+            optimizer=_optimizer("SINGD"),
+            defaults={"lr": 0.05, "damping": 1e-3, "structure": "diagonal"},
+            train_summary="SINGD (IKFAC rule, diagonal factors)",
+        ),
+        Method(
+            "singd-blockdiag",
+            "SINGD (IKFAC) fixed point, block-diagonal factors (one batch)",
+            _singd("block_diagonal"),
+            optimizer=_optimizer("SINGD"),
+            defaults={"lr": 0.05, "damping": 1e-3, "structure": "block_diagonal"},
+            train_summary="SINGD (IKFAC rule, block-diagonal factors)",
         ),
     ]
     for method in builtins:

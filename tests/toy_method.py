@@ -13,6 +13,9 @@ from torch import Tensor
 
 import curvlab
 
+TOY = "toy-identity"
+"""The toy's registry name."""
+
 
 class ScaledIdentity(curvlab.Curvature):
     """``c I`` of size ``sizes`` summed, with one block per named layer."""
@@ -59,6 +62,4 @@ def build(analysis) -> ScaledIdentity:
 
 def register() -> None:
     """Register the toy as method ``toy-identity`` (idempotent)."""
-    curvlab.register_method(
-        "toy-identity", "scaled identity tr(F)/P · I (toy)", build, replace=True
-    )
+    curvlab.register_method(TOY, "scaled identity tr(F)/P · I (toy)", build, replace=True)
