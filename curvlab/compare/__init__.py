@@ -15,6 +15,8 @@ import types
 from curvlab.compare.analysis import Analysis
 from curvlab.compare.cosine import cosine, cosine_matrix, cosine_records
 from curvlab.compare.damping import damping_records
+from curvlab.compare.divergence import kl_divergences, kl_records
+from curvlab.compare.eigen_split import error_split, error_split_records
 from curvlab.compare.errors import relative_error_records, relative_errors
 from curvlab.compare.kfc_checks import (
     kfc_check_records,
@@ -56,6 +58,10 @@ __all__ = [
     "cosine_matrix",
     "cosine_records",
     "damping_records",
+    "error_split",
+    "error_split_records",
+    "kl_divergences",
+    "kl_records",
     "kfc_check_records",
     "kfc_errors",
     "kfc_matrices",

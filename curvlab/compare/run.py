@@ -3,7 +3,9 @@
 Sections (:data:`SECTIONS`) and the modules that compute them:
 
 * ``"cosine"`` (:mod:`~curvlab.compare.cosine`): update-direction cosines;
-* ``"relative_error"`` (:mod:`~curvlab.compare.errors`): ``‖C − F‖ / ‖F‖``;
+* ``"relative_error"`` (:mod:`~curvlab.compare.errors`): ``‖C − F‖ / ‖F‖`` and the
+  matrix cosine; :mod:`~curvlab.compare.divergence`: the damped KL (LogDet) divergence;
+  :mod:`~curvlab.compare.eigen_split`: eigenbasis vs eigenvalue error;
 * ``"spectrum"`` (:mod:`~curvlab.compare.spectra`): spectra and top-k eigenspace overlap;
 * ``"damping"`` (:mod:`~curvlab.compare.damping`): effects of λ;
 * ``"progress"`` (:mod:`~curvlab.compare.progress`): loss decrease after one step;
@@ -22,6 +24,8 @@ from tqdm.auto import tqdm
 from curvlab.compare.analysis import Analysis
 from curvlab.compare.cosine import cosine_records
 from curvlab.compare.damping import damping_records
+from curvlab.compare.divergence import kl_records
+from curvlab.compare.eigen_split import error_split_records
 from curvlab.compare.errors import relative_error_records
 from curvlab.compare.kfc_checks import kfc_check_records
 from curvlab.compare.methods import DEFAULT_METHODS, METHODS, check_methods
@@ -148,7 +152,11 @@ def compare(
         "cosine": lambda: cosine_records(
             analysis, methods, dampings, reference, inner_products, pairwise
         ),
-        "relative_error": lambda: relative_error_records(analysis, methods),
+        "relative_error": lambda: (
+            relative_error_records(analysis, methods)
+            + kl_records(analysis, methods, dampings)
+            + error_split_records(analysis, methods)
+        ),
         "spectrum": lambda: (
             spectrum_records(analysis, methods, True, max_eigenvalues)
             + overlap_records(analysis, methods, top_k)

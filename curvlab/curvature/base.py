@@ -16,8 +16,11 @@ above it offers, with defaults that any subclass may replace by a closed form:
   ``S = diag(Qᵀ F Q)`` there (``None`` otherwise);
 * ``nonzero_eigenvalues()`` and ``eigen_projections(x, k)``: the numerically non-zero
   spectrum and the top-``k`` eigenvectors projected onto ``x``;
+* ``column_products(layers)``: ``Uᵀ C U`` for the per-column gradients ``U`` of the
+  captured ``layers`` (``N C' x N C'``), and ``logdet_ratio(λ)``: ``log det(I + C/λ)``
+  (both for the KL divergence of :mod:`curvlab.compare.divergence`);
 * ``damping_excess(λ)``: ``‖M(λ) − (C + λI)‖_F`` for the matrix ``M(λ)`` that
-  ``solve`` inverts (``None`` when it inverts ``C + λI`` itself);
+  ``solve`` inverts (``None`` when it inverts ``C + λI`` itself or has no closed form);
 * ``kronecker_factored``: every layer block is one Kronecker product ``A ⊗ G``.
 """
 
@@ -141,6 +144,35 @@ class Curvature(ABC):
                 total += float(row.to(SOLVE_DTYPE) @ self.mv(row).to(SOLVE_DTYPE))
         return scale * total
 
+    def column_products(self, layers: Sequence[LayerCapture]) -> Tensor:
+        """``Uᵀ C U`` ``(N C', N C')`` float64, rows ``(n, c)``, for the per-column
+        gradients ``U`` of ``layers`` (the captured layers this matrix covers).
+
+        The default applies ``C`` to every column (chunked over samples); subclasses
+        replace it by closed forms.
+        """
+        from curvlab.curvature.columns import flat_column_gradients, samples_per_chunk
+
+        n = layers[0].a.shape[0]
+        step = samples_per_chunk(layers)
+        spans = [(i, min(i + step, n)) for i in range(0, n, step)]
+        cu = []
+        for i, j in spans:
+            rows = flat_column_gradients(layers, i, j, self.dtype)
+            cu.append(torch.stack([self.mv(r).to(SOLVE_DTYPE) for r in rows], dim=1))
+        cu_all = torch.cat(cu, dim=1)  # C U, (P, N C')
+        out = []
+        for i, j in spans:
+            rows = flat_column_gradients(layers, i, j, self.dtype).to(SOLVE_DTYPE)
+            out.append(rows @ cu_all)
+        return torch.cat(out)
+
+    def logdet_ratio(self, damping: float) -> float:
+        """``log det(I + C/λ) = log det(C + λI) − P log λ`` (float64).  Default: from
+        :meth:`eigvalsh`."""
+        values = self.eigvalsh().to(SOLVE_DTYPE).clamp_min(0.0)
+        return float(torch.log1p(values / damping).sum())
+
     def eigenbasis_statistics(
         self, layer: LayerCapture, scale: float
     ) -> tuple[Tensor, Tensor] | None:
@@ -168,7 +200,8 @@ class Curvature(ABC):
 
     def damping_excess(self, damping: float) -> Tensor | None:
         """``‖M(λ) − (C + λI)‖_F`` for the matrix ``M(λ)`` that :meth:`solve` inverts,
-        or ``None`` (the default) when ``solve`` inverts ``C + λI`` itself."""
+        or ``None`` (the default) when ``solve`` inverts ``C + λI`` itself or the
+        excess has no closed form."""
         return None
 
     @property
@@ -261,6 +294,14 @@ class LayerwiseCurvature(Curvature):
 
     def nonzero_eigenvalues(self) -> Tensor:
         return torch.cat([b.nonzero_eigenvalues() for b in self._blocks.values()])
+
+    def column_products(self, layers: Sequence[LayerCapture]) -> Tensor:
+        """``Σ_l U_lᵀ C_l U_l``: the blocks' products summed."""
+        by_name = {lc.name: lc for lc in layers}
+        return sum(b.column_products([by_name[n]]) for n, b in self._blocks.items())
+
+    def logdet_ratio(self, damping: float) -> float:
+        return sum(b.logdet_ratio(damping) for b in self._blocks.values())
 
     def eigen_projections(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Each block's top-``k`` projections (on its rows of ``x``), merged."""

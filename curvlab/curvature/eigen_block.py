@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from curvlab.capture import LayerCapture
+from curvlab.config import options
 from curvlab.curvature.base import (
     TIE_RTOL,
     Curvature,
@@ -30,8 +31,22 @@ from curvlab.curvature.base import (
     top_count,
 )
 from curvlab.curvature.columns import eigenbasis_second_moment
+from curvlab.curvature.gram import layer_gram, per_sample_gradients
 from curvlab.layers import LayerKind
 from curvlab.numerics import SOLVE_DTYPE, require_positive
+
+
+def _outer_factors(d: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(u, v)`` with ``d = u vᵀ`` and ``u, v ≥ 0`` read off the largest entry's row and
+    column, or ``None`` when ``d`` has a negative entry or is zero."""
+    if (d < 0).any():
+        return None
+    flat = int(d.argmax())
+    i, j = divmod(flat, d.shape[1])
+    top = d[i, j]
+    if top <= 0:
+        return None
+    return d[:, j].clone(), d[i, :] / top
 
 
 class EigenBlock(Curvature):
@@ -133,6 +148,40 @@ class EigenBlock(Curvature):
         (layer,) = layers
         d, s = self.eigenbasis_statistics(layer, scale)
         return float((d * s).sum())
+
+    def logdet_ratio(self, damping: float) -> float:
+        """``Σ log(1 + D / λ)``."""
+        return float(torch.log1p(self.d.clamp_min(0.0) / damping).sum())
+
+    def column_products(self, layers: Sequence[LayerCapture]) -> Tensor:
+        """``Uᵀ C U`` with ``(Uᵀ C U)[(n,c),(m,d)] = Σ D ∘ Γ̃_nc ∘ Γ̃_md`` for the rotated
+        column gradients ``Γ̃ = Q_outᵀ Γ Q_in``.  When ``D = u vᵀ ≥ 0`` (a Kronecker
+        block) this is the Gram of the transformed inputs ``ā Q_in diag(√v)`` and
+        columns ``e Q_out diag(√u)`` (:func:`~curvlab.curvature.gram.layer_gram`), without
+        per-sample gradients; otherwise the rotated gradients are paired in chunks."""
+        (layer,) = layers
+        a, e = layer.a.to(SOLVE_DTYPE), layer.e.to(SOLVE_DTYPE)
+        a = a if self.q_in is None else a @ self.q_in
+        e = e if self.q_out is None else e @ self.q_out
+        factors = _outer_factors(self.d) if self.kronecker_factored else None
+        if factors is not None:
+            u, v = factors
+            return layer_gram(a * v.sqrt(), e * u.sqrt())
+        c, n = e.shape[:2]
+        step = max(1, options.chunk_bytes // max(1, 8 * c * self.num_params))
+        spans = [(i, min(i + step, n)) for i in range(0, n, step)]
+
+        def rotated(i: int, j: int) -> Tensor:
+            g = per_sample_gradients(a[i:j], e[:, i:j].permute(1, 0, 2, 3))
+            return g.reshape((j - i) * c, -1)
+
+        out = torch.empty(n * c, n * c, dtype=SOLVE_DTYPE, device=a.device)
+        weights = self.d.reshape(-1)
+        for i, j in spans:
+            left = rotated(i, j) * weights
+            for k, m in spans:
+                out[i * c : j * c, k * c : m * c] = left @ rotated(k, m).T
+        return out
 
     def nonzero_eigenvalues(self) -> Tensor:
         """``D`` above the rank tolerance of the larger Kronecker factor's eigenproblem."""

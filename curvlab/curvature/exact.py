@@ -308,6 +308,16 @@ class GramFisher(Curvature):
             return self.squared_frobenius_norm()
         return super().fisher_inner(layers, scale)
 
+    def column_products(self, layers: Sequence[LayerCapture]) -> Tensor:
+        """``Uᵀ F U = s K²`` when ``layers`` are this matrix's own; otherwise the default."""
+        if [lc.name for lc in layers] == [lc.name for lc in self._layers]:
+            return self.scale * (self.gram @ self.gram)
+        return super().column_products(layers)
+
+    def logdet_ratio(self, damping: float) -> float:
+        """``log det(I + F/λ) = Σ log(1 + s κ_i / λ)`` over the Gram's eigenvalues."""
+        return float(torch.log1p(self.gram_eigh[0].clamp_min(0.0) / damping).sum())
+
     @cached_property
     def gram_eigh(self) -> tuple[Tensor, Tensor]:
         """Descending eigenvalues of ``s K`` and the Gram's eigenvectors (columns)."""
