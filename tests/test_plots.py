@@ -15,6 +15,7 @@ from curvlab.plots import (
     paper_style,
     plot_cosine_heatmap,
     plot_damping_sweep,
+    plot_error_split,
     plot_kfc_checks,
     plot_layer_errors,
     plot_progress,
@@ -53,6 +54,8 @@ def synthetic_records() -> list[Record]:
                     reference="exact",
                 )
             )
+        for metric, value in (("eigenbasis_error", 0.3), ("eigenvalue_error", 0.1 * i)):
+            out.append(Record("relative_error", metric, method, value, reference="exact"))
         out.append(
             Record(
                 "progress", "relative_loss_decrease", method, 0.2 - 0.05 * i, damping=1e-3 * (i + 1)
@@ -92,6 +95,7 @@ PLOTS = [
     plot_spectra,
     plot_damping_sweep,
     plot_layer_errors,
+    plot_error_split,
     plot_kfc_checks,
     plot_progress,
     plot_training,

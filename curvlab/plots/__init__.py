@@ -8,6 +8,7 @@ Save figures with :func:`save_figure`.
 
 from curvlab.plots.cosine import plot_cosine_heatmap
 from curvlab.plots.damping import plot_damping_sweep
+from curvlab.plots.error_split import plot_error_split
 from curvlab.plots.kfc import plot_kfc_checks
 from curvlab.plots.layer_errors import plot_layer_errors
 from curvlab.plots.progress import plot_progress, plot_step_progress
@@ -34,6 +35,7 @@ __all__ = [
     "paper_style",
     "plot_cosine_heatmap",
     "plot_damping_sweep",
+    "plot_error_split",
     "plot_kfc_checks",
     "plot_layer_errors",
     "plot_progress",
