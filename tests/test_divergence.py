@@ -14,6 +14,7 @@ import pytest
 import reference as R
 import torch
 from conftest import RTOL, get_problem
+from torch import nn
 
 from curvlab.compare import Analysis, relative_errors
 from curvlab.compare.divergence import kl_records
@@ -149,3 +150,20 @@ def test_eigenbasis_eigenvalue_split_against_dense(model_name, loss_name):
     for m in ("kfac", "ekfac"):
         basis, value = split[m]["network"]
         assert basis**2 + value**2 == pytest.approx(total_sq[m] / f2_all, rel=RTOL)
+
+
+def test_split_with_exact_blocks_of_norm_layers():
+    """KFAC keeps the exact block of a LayerNorm: no error there, and the network split
+    still adds in squares to the error of the block-diagonal part (dense matrices)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
+    analysis = Analysis(model, nn.CrossEntropyLoss(), X, y)
+    split = error_split(analysis, "kfac")
+    basis, value = split["1"]
+    assert value == 0.0 and basis <= 4 * EPS**0.5  # ‖F‖² − ‖S‖²: half the digits (docstring)
+    C = analysis.curvature("kfac").to_dense()
+    F = analysis.blockdiag.to_dense()
+    total = float((C - F).norm() / F.norm())
+    basis, value = split["network"]
+    assert basis**2 + value**2 == pytest.approx(total**2, rel=RTOL)

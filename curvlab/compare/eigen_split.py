@@ -20,7 +20,8 @@ The two add in squares to the relative Frobenius error of the block: KFAC vs EKF
 basis).  Network values add the layers' squares over ``Σ_l ‖F_ll‖²``, i.e. they split
 the error of the block-diagonal part of ``F`` (off-diagonal blocks belong to neither).
 Records: section ``"relative_error"``, reference ``"exact"``, for every distinct
-matrix whose blocks all have an eigenbasis.  The difference ``‖F‖² − ‖S‖²`` loses
+matrix whose blocks all have an eigenbasis (exact blocks, e.g. of norm layers in KFAC, are
+diagonal in their own eigenbasis and add no error).  The difference ``‖F‖² − ‖S‖²`` loses
 about half the digits of the inputs (as the relative error does).
 """
 

@@ -318,6 +318,17 @@ class GramFisher(Curvature):
         """``log det(I + F/λ) = Σ log(1 + s κ_i / λ)`` over the Gram's eigenvalues."""
         return float(torch.log1p(self.gram_eigh[0].clamp_min(0.0) / damping).sum())
 
+    def eigenbasis_statistics(
+        self, layer: LayerCapture, scale: float
+    ) -> tuple[Tensor, Tensor] | None:
+        """For this matrix's own single layer: it is diagonal in its own eigenbasis, where
+        the exact block's diagonal is the same, so ``D = S`` = its eigenvalues (no
+        eigenbasis or eigenvalue error); otherwise ``None``."""
+        if [lc.name for lc in self._layers] != [layer.name]:
+            return None
+        values = self.gram_eigh[0].clamp_min(0.0)
+        return values, values
+
     @cached_property
     def gram_eigh(self) -> tuple[Tensor, Tensor]:
         """Descending eigenvalues of ``s K`` and the Gram's eigenvectors (columns)."""
