@@ -69,7 +69,16 @@ def test_report_files(report):
     html = (report / "report.html").read_text()
     assert "data:image/png;base64," in html and 'src="figures/' not in html
     markdown = (report / "report.md").read_text()
-    assert "## kfc_check" in markdown and "relative error" in markdown
+    assert "## KFC assumption checks" in markdown and "relative error" in markdown
+    # findings first: the table of methods x headline metrics, then the sections;
+    # configuration and versions last (collapsed in the HTML)
+    assert markdown.startswith("# curvlab report\n\n## Findings\n")
+    header = "| method | cosine to the exact natural gradient (λ = 0.1) | relative Frobenius error"
+    assert markdown.index(header) < markdown.index("## Update directions")
+    assert "direction closest to the exact natural gradient" in markdown
+    assert markdown.index("## KFC assumption") < markdown.index("## Configuration and versions")
+    assert html.index('<section id="findings">') < html.index('<section id="cosine">')
+    assert html.index('<section id="kfc_check">') < html.index('<details id="configuration">')
 
 
 def _same(a, b) -> bool:

@@ -174,7 +174,7 @@ def test_method_colours_are_fixed_across_figures():
         fig = plot_progress(rows)
         colours = {
             label.get_text(): mpl.colors.to_hex(patch.get_facecolor())
-            for label, patch in zip(fig.axes[0].get_xticklabels(), fig.axes[0].patches, strict=True)
+            for label, patch in zip(fig.axes[0].get_yticklabels(), fig.axes[0].patches, strict=True)
         }
         seen.append(colours)
     for colours in seen:

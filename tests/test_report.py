@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 import curvlab.report.writer as writer
 from curvlab.records import Record
 from curvlab.report import load_results, write_report
-from curvlab.report.layout import MAX_TABLE_ROWS
+from curvlab.report.tables import MAX_TABLE_ROWS
 
 CONFIG = {"model": "mlp", "dataset": "digits", "seed": 3, "device": "cpu", "dampings": [1e-3]}
 
@@ -67,9 +67,10 @@ def test_writes_every_file(tmp_path):
 
     md = (out / "report.md").read_text()
     assert "![cosine](figures/cosine.png)" in md
-    assert md.index("KFAC tracks") < md.index("## cosine") < md.index("## extra-figure")
+    assert md.index("KFAC tracks") < md.index("## Update directions") < md.index("## Extra figure")
+    assert md.index("## Extra figure") < md.index("## Configuration and versions")
     assert "a\\|b" in md
-    assert "Summary of" in md
+    assert "| exact | 1 | 0.02222 | 45 |" in md  # a spectrum: one row per method
 
     payload = json.loads((out / "results.json").read_text())
     assert payload["seed"] == 3 and payload["device"] == "cpu"

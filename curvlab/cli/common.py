@@ -16,6 +16,7 @@ from curvlab.errors import CurvlabError
 from curvlab.methods import load_plugin
 from curvlab.models import MODELS, build_model, load_user_model
 from curvlab.records import Record
+from curvlab.report.tables import Table
 from curvlab.report.writer import REPORT_MARKERS, write_report
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -134,11 +135,14 @@ def run_and_report(
     run: Callable[[dict[str, Any], bool], list[Record]],
     figures: Callable[[Sequence[Record]], Mapping[str, Any]],
     narrative: Callable[[Sequence[Record], dict[str, Any]], Mapping[str, str]],
+    tables: Callable[[Sequence[Record], dict[str, Any]], Mapping[str, Sequence[Table]]]
+    | None = None,
 ) -> int:
     """Run a command's work and write its report into ``args.out``; the exit code.
 
     ``run(config, progress)`` returns the records; ``figures(records)`` and
-    ``narrative(records, config)`` make the report's figures and text.  Errors a user
+    ``narrative(records, config)`` make the report's figures and text, ``tables(records,
+    config)`` tables that replace those made from the records (e.g. the findings).  Errors a user
     can fix (bad data, unsupported model, an existing report) become a
     :class:`UsageError`.  ``config["elapsed_seconds"]`` records the run's duration.
     """
@@ -159,6 +163,7 @@ def run_and_report(
             narrative(records, config),
             formats=config["formats"],
             force=args.force,
+            tables=None if tables is None else tables(records, config),
         )
     except (FileExistsError, NotADirectoryError) as err:
         raise UsageError(str(err)) from None

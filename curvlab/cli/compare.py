@@ -43,6 +43,7 @@ from curvlab.losses import FISHER_TYPES
 from curvlab.models import MODELS
 from curvlab.records import Record
 from curvlab.report.figures import report_figures
+from curvlab.report.findings import findings_tables
 from curvlab.report.narrative import narrative
 
 COMMANDS = {
@@ -309,4 +310,5 @@ def run_compare_command(args: argparse.Namespace, config: dict[str, Any]) -> int
         run,
         lambda records: report_figures(records, config["headline_damping"], config["reference"]),
         narrative,
+        lambda records, config: {"findings": findings_tables(records, config)},
     )

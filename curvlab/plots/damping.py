@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from curvlab.plots.select import Records, reduce, select
 from curvlab.plots.style import (
     LINESTYLES,
+    coincidence_label,
+    coinciding,
+    dodge,
     key_handles,
     legend,
     method_color,
@@ -31,7 +35,10 @@ def plot_damping_sweep(
 ) -> Figure:
     """Section ``"damping"``: value against damping (log axis), one line per (method, metric).
 
-    Colour and marker encode the method, line style the metric.  Records without a
+    Colour and marker encode the method, line style the metric.  Methods are shifted by a
+    small factor along λ (a few hundredths of a decade) so that equal values stay visible
+    side by side, and a method whose line coincides with an earlier one is marked in the
+    legend (``"ekfac (≈ kfac-standard)"``).  Records without a
     positive damping are left out; repeated rows (e.g. seeds) are averaged.
 
     Args:
@@ -48,16 +55,26 @@ def plot_damping_sweep(
         raise ValueError(f"{caller}: no 'damping' record has a positive damping value")
     table = reduce(rows, ["method", "metric", "damping"], caller)
     metric_names = list(dict.fromkeys(table["metric"]))
+    methods = method_order(table["method"])
     fig, axes = new_figure()
     ax = axes[0, 0]
-    for method in method_order(table["method"]):
-        for k, metric in enumerate(metric_names):
-            line = table[(table["method"] == method) & (table["metric"] == metric)]
-            if line.empty:
-                continue
-            line = line.sort_values("damping")
+    hidden: dict[str, list[str]] = {}
+    for k, metric in enumerate(metric_names):
+        lines = {
+            method: table[(table["method"] == method) & (table["metric"] == metric)].sort_values(
+                "damping"
+            )
+            for method in methods
+        }
+        lines = {m: line for m, line in lines.items() if not line.empty}
+        values = {m: line["value"].to_numpy(dtype=float) for m, line in lines.items()}
+        if logy:
+            values = {m: np.log10(np.clip(v, 1e-300, None)) for m, v in values.items()}
+        for name, others in coinciding(values).items():
+            hidden.setdefault(name, []).extend(o for o in others if o not in hidden.get(name, []))
+        for j, (method, line) in enumerate(lines.items()):
             ax.plot(
-                line["damping"],
+                dodge(line["damping"].to_numpy(), j, len(lines)),
                 line["value"],
                 color=method_color(method),
                 marker=method_marker(method),
@@ -67,11 +84,11 @@ def plot_damping_sweep(
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("damping λ")
-    ax.set_ylabel(metric_names[0].replace("_", " ") if len(metric_names) == 1 else "value")
+    ax.set_ylabel(_axis_label(metric_names))
     ax.set_title(layer if reference is None else f"{layer}, vs {reference}")
     methods = [
-        (m, {"color": method_color(m), "marker": method_marker(m)})
-        for m in method_order(table["method"])
+        (coincidence_label(m, hidden), {"color": method_color(m), "marker": method_marker(m)})
+        for m in methods
     ]
     metrics = [
         (m, {"color": "#666666", "linestyle": LINESTYLES[k % len(LINESTYLES)]})
@@ -79,3 +96,10 @@ def plot_damping_sweep(
     ]
     legend(ax, key_handles(methods + (metrics if len(metrics) > 1 else [])))
     return fig
+
+
+def _axis_label(metrics: Sequence[str]) -> str:
+    """``cosine`` for cosines in several inner products, the metric's name for one metric."""
+    if all(m == "cosine" or m.startswith("cosine_") for m in metrics):
+        return "cosine"
+    return metrics[0].replace("_", " ") if len(metrics) == 1 else "value"

@@ -20,9 +20,10 @@ def plot_layer_errors(
 ) -> Figure:
     """Section ``"relative_error"``: ``metric`` per layer, one bar per method in each group.
 
-    Layers appear in record order (the network's order when the records come from
-    ``compare``).  Repeated rows are averaged; several references or damping values
-    must be narrowed down with ``reference`` / ``damping``.
+    On a log axis a zero (e.g. block-diagonal methods per layer) is marked "0" at the
+    axis; the legend sits below the axes.  Layers appear in record order (the network's
+    order when the records come from ``compare``).  Repeated rows are averaged; several
+    references or damping values must be narrowed down with ``reference`` / ``damping``.
     """
     caller = "plot_layer_errors"
     rows = select(
@@ -37,13 +38,22 @@ def plot_layer_errors(
     positions = np.arange(len(layers))
     for k, method in enumerate(methods):
         values = table[table["method"] == method].set_index("layer")["value"].reindex(layers)
-        ax.bar(
-            positions + (k - (len(methods) - 1) / 2) * bar,
-            values.to_numpy(dtype=float),
-            width=bar,
-            color=method_color(method),
-            label=method,
-        )
+        x = positions + (k - (len(methods) - 1) / 2) * bar
+        heights = values.to_numpy(dtype=float)
+        ax.bar(x, heights, width=bar, color=method_color(method), label=method)
+        if logy:
+            for xi in x[heights == 0]:
+                # a zero has no bar on a log axis: say so where the bar would start
+                ax.text(
+                    xi,
+                    0.01,
+                    "0",
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                    color=method_color(method),
+                )
     ax.set_xticks(positions, layers, rotation=30 if len(layers) > 4 else 0)
     ax.set_xlabel("layer")
     ax.set_ylabel(metric.replace("_", " "))
@@ -53,5 +63,5 @@ def plot_layer_errors(
     refs = rows["reference"].dropna().unique()
     if len(refs) == 1:
         ax.set_title(f"vs {refs[0]}")
-    legend(ax)
+    legend(ax, outside=True)
     return fig

@@ -18,7 +18,8 @@ def plot_progress(
     reference: str | None = None,
     damping: float | None = None,
 ) -> Figure:
-    """Section ``"progress"``: one bar per method, annotated with its value.
+    """Section ``"progress"``: one horizontal bar per method (names never overlap),
+    annotated with its value.
 
     ``metric`` may be left out when the section holds a single metric.  Each method
     may use its own damping; one method at several damping values must be narrowed
@@ -43,15 +44,16 @@ def plot_progress(
     table = reduce(rows, ["method"], caller)
     methods = method_order(table["method"])
     values = table.set_index("method")["value"].reindex(methods).to_numpy(dtype=float)
-    fig, axes = new_figure(width="two" if len(methods) > 8 else "one")
+    fig, axes = new_figure(height=0.6 + 0.22 * max(len(methods), 3))
     ax = axes[0, 0]
-    positions = np.arange(len(methods))
-    bars = ax.bar(positions, values, color=[method_color(m) for m in methods], width=0.7)
+    positions = np.arange(len(methods))[::-1]
+    bars = ax.barh(positions, values, color=[method_color(m) for m in methods], height=0.7)
     ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=6.5, padding=1.5)
-    ax.axhline(0.0, color="#000000", linewidth=0.6)
-    ax.set_xticks(positions, methods, rotation=30 if len(methods) > 4 else 0)
-    ax.set_ylabel(found[0].replace("_", " "))
-    ax.grid(axis="x", visible=False)
+    ax.axvline(0.0, color="#000000", linewidth=0.6)
+    ax.margins(x=0.15)
+    ax.set_yticks(positions, methods)
+    ax.set_xlabel(found[0].replace("_", " "))
+    ax.grid(axis="y", visible=False)
     return fig
 
 

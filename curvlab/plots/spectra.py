@@ -6,10 +6,21 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from curvlab.plots.select import Records, select
-from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
+from curvlab.plots.style import (
+    coincidence_label,
+    coinciding,
+    legend,
+    method_color,
+    method_order,
+    new_figure,
+    styled,
+)
 from curvlab.records import NETWORK
 
 KINDS = ("rank", "density")
+
+DASHES = ((0, (4, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (2, 3)), (0, (8, 3)))
+"""Dash patterns of the approximations, in method order."""
 
 
 @styled
@@ -27,7 +38,9 @@ def plot_spectra(
     the fraction of each method's eigenvalues per bin.  The eigenvalue axis is
     logarithmic, so values ≤ 0
     (numerically zero directions) are left out.  The exact spectrum is drawn
-    solid and on top, approximations dashed.  Each method must contribute one
+    solid and on top, approximations with a dash pattern each, so that one drawn over
+    another still shows; a spectrum that coincides with an earlier one is marked in the
+    legend (``"ekfac (≈ kfac)"``).  Each method must contribute one
     spectrum (filter the records first when there are several, e.g. per seed).
     """
     caller = "plot_spectra"
@@ -50,14 +63,21 @@ def plot_spectra(
     ax = axes[0, 0]
     positive = np.concatenate([s for s in spectra.values() if len(s)])
     edges = np.geomspace(positive.min(), positive.max() * (1 + 1e-9), bins + 1)
+    approximations = [m for m, v in spectra.items() if len(v) and m != "exact"]
+    if kind == "rank":
+        logs = {m: np.log10(v) for m, v in spectra.items() if len(v)}
+    else:
+        logs = {m: np.histogram(v, edges)[0] / len(v) for m, v in spectra.items() if len(v)}
+    hidden = coinciding(logs)
     for method, values in spectra.items():
         if not len(values):
             continue
         exact = method == "exact"
+        k = approximations.index(method) if not exact else 0
         style = dict(
             color=method_color(method),
-            label=method,
-            linestyle="-" if exact else "--",
+            label=coincidence_label(method, hidden),
+            linestyle="-" if exact else DASHES[k % len(DASHES)],
             linewidth=1.6 if exact else 1.1,
             zorder=3 if exact else 2,
         )

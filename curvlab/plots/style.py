@@ -213,8 +213,9 @@ def new_figure(
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def legend(ax: Axes, handles: Sequence[Artist] | None = None) -> None:
-    """A legend inside ``ax`` for up to four entries, else one below the figure.
+def legend(ax: Axes, handles: Sequence[Artist] | None = None, outside: bool = False) -> None:
+    """A legend inside ``ax`` for up to four entries, else (or when ``outside``) one below
+    the figure.
 
     ``handles`` default to the labelled artists of ``ax``.
     """
@@ -222,7 +223,7 @@ def legend(ax: Axes, handles: Sequence[Artist] | None = None) -> None:
         handles, _ = ax.get_legend_handles_labels()
     if not handles:
         return
-    if len(handles) <= 4:
+    if len(handles) <= 4 and not outside:
         ax.legend(handles=handles, loc="best")
         return
     fig = ax.get_figure()
@@ -285,3 +286,60 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fit_title(ax: Axes, text: str | None = None) -> None:
+    """Set ``ax``'s title (``text``, default: its current one) in the style's title size,
+    wrapped at spaces so that no line is wider than the axes."""
+    text = ax.get_title() if text is None else text
+    with paper_style():
+        ax.set_title(text, fontsize=STYLE["axes.titlesize"])
+        fig = ax.get_figure()
+        renderer = fig.canvas.get_renderer()
+        fig.draw_without_rendering()
+        limit = ax.get_window_extent(renderer).width
+        words = text.split()
+        lines: list[str] = []
+        for word in words:
+            trial = f"{lines[-1]} {word}" if lines else word
+            ax.set_title(trial)
+            if lines and ax.title.get_window_extent(renderer).width > limit:
+                lines.append(word)
+            elif lines:
+                lines[-1] = trial
+            else:
+                lines.append(word)
+        ax.set_title("\n".join(lines))
+
+
+def fit_titles(fig: Figure) -> Figure:
+    """:func:`fit_title` on every titled axes of ``fig``; returns ``fig``."""
+    for ax in fig.axes:
+        if ax.get_title():
+            fit_title(ax)
+    return fig
+
+
+def dodge(x: np.ndarray, k: int, n: int, decades: float = 0.015) -> np.ndarray:
+    """``x`` (on a log axis) shifted for series ``k`` of ``n`` by a small factor, so that
+    equal values of different series stay visible side by side."""
+    return np.asarray(x, dtype=float) * 10.0 ** (decades * (k - (n - 1) / 2))
+
+
+def coinciding(series: dict[str, np.ndarray], rtol: float = 1e-2) -> dict[str, list[str]]:
+    """For each series, the earlier series it would hide: the same length and every value
+    within ``rtol`` of the other's value range (relative to the largest spread)."""
+    items = list(series.items())
+    spread = max((np.ptp(v) for _, v in items if len(v)), default=0.0) or 1.0
+    out: dict[str, list[str]] = {}
+    for i, (name, values) in enumerate(items):
+        for other, ref in items[:i]:
+            if len(values) == len(ref) and len(values):
+                if np.nanmax(np.abs(np.asarray(values) - np.asarray(ref))) <= rtol * spread:
+                    out.setdefault(name, []).append(other)
+    return out
+
+
+def coincidence_label(name: str, hidden: dict[str, list[str]]) -> str:
+    """``name`` with a note of the series it coincides with, e.g. ``"ekfac (≈ kfac)"``."""
+    return f"{name} (≈ {', '.join(hidden[name])})" if name in hidden else name

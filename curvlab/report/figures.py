@@ -22,7 +22,9 @@ from curvlab.plots import (
     plot_progress,
     plot_spectra,
 )
+from curvlab.plots.style import STYLE, fit_title, fit_titles
 from curvlab.records import NETWORK, Record, to_dataframe
+from curvlab.report.findings import findings_frame, plot_findings
 
 
 def figure_label(model: str) -> str:
@@ -38,15 +40,23 @@ def _has(df: pd.DataFrame, section: str, **columns) -> bool:
 
 
 def _titled(fig: Figure, model: str | None) -> Figure:
-    if model is not None:
-        for ax in fig.axes[:1]:
-            ax.set_title(f"{model}: {ax.get_title()}" if ax.get_title() else model)
-    return fig
+    """The model's name in front of the figure's title (else the first axes' title); every
+    axes title wrapped to its axes."""
+    suptitle = fig.get_suptitle()
+    if model is not None and suptitle:
+        fig.suptitle(f"{model}: {suptitle}", fontsize=STYLE["axes.titlesize"])
+    elif model is not None and fig.axes:
+        ax = fig.axes[0]
+        fit_title(ax, f"{model}: {ax.get_title()}" if ax.get_title() else model)
+    return fit_titles(fig)
 
 
 def model_figures(df: pd.DataFrame, headline_damping: float, reference: str) -> dict[str, Figure]:
     """Figures for the records of one model (a DataFrame of :func:`to_dataframe`)."""
     figs: dict[str, Figure] = {}
+    findings = findings_frame(df, headline_damping, reference)
+    if not findings.empty:
+        figs["findings"] = plot_findings(findings, headline_damping, reference)
     cos = df[(df["section"] == "cosine") & (df["layer"] == NETWORK)]
     for metric in dict.fromkeys(cos["metric"]):
         name = "cosine" if metric == "cosine" else f"cosine_{metric.removeprefix('cosine_')}"
@@ -101,7 +111,8 @@ def report_figures(
     """
     df = to_dataframe(records)
     if "model" not in df.columns:
-        return model_figures(df, headline_damping, reference)
+        figs = model_figures(df, headline_damping, reference)
+        return {name: _titled(fig, None) for name, fig in figs.items()}
     figs: dict[str, Figure] = {}
     models = list(dict.fromkeys(df["model"]))
     for model in models:
@@ -111,5 +122,5 @@ def report_figures(
     kfc = df[df["section"] == "kfc_check"]
     if kfc["model"].nunique() > 1:
         kfc = kfc.assign(layer=kfc["model"] + ":" + kfc["layer"].astype(str))
-        figs["kfc_check_models"] = plot_kfc_checks(kfc)
+        figs["kfc_check_models"] = _titled(plot_kfc_checks(kfc), None)
     return figs

@@ -20,6 +20,8 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; }
 figcaption { font-size: 0.85rem; color: #444; }
 pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; font-size: 0.8rem; }
 .note { font-size: 0.85rem; color: #555; font-style: italic; }
+.table-title { margin: 1rem 0 0.2rem; }
+details { margin: 2rem 0; } summary { cursor: pointer; font-weight: bold; }
 """
 
 
@@ -34,8 +36,8 @@ def render_html(
 
     Args:
         title: Page title and top heading.
-        facts: ``(label, value)`` pairs listed under the title.
-        config_json: The run configuration as JSON text.
+        facts: ``(label, value)`` pairs, listed at the end in a collapsed block.
+        config_json: The run configuration as JSON text, in the same block.
         sections: The report's sections (see :func:`~curvlab.report.layout.layout`).
         figure_png: Per figure name, the PNG bytes to embed.
     """
@@ -45,26 +47,42 @@ def render_html(
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        "<ul>" + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in facts) + "</ul>",
-        f"<h2>Configuration</h2><pre>{e(config_json)}</pre>",
     ]
     for section in sections:
-        parts.append(f'<section id="{e(section.name)}"><h2>{e(section.name)}</h2>')
+        parts.append(f'<section id="{e(section.name)}">')
+        if section.title is not None:
+            parts.append(f"<h2>{e(section.title)}</h2>")
         if section.narrative:
-            parts += [
-                f"<p>{e(p.strip())}</p>" for p in section.narrative.split("\n\n") if p.strip()
-            ]
+            parts += [_paragraph(p) for p in section.narrative.split("\n\n") if p.strip()]
         for name in section.figures:
             data = base64.b64encode(figure_png[name]).decode("ascii")
             parts.append(
                 f'<figure><img src="data:image/png;base64,{data}" alt="{e(name)}">'
                 f"<figcaption>{e(name)}</figcaption></figure>"
             )
-        if section.table is not None:
-            parts.append(_table(section.table))
+        parts += [_table(table) for table in section.tables]
         parts.append("</section>")
-    parts.append("</body></html>")
+    parts += [
+        '<details id="configuration"><summary>Configuration and versions</summary>',
+        "<ul>" + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in facts) + "</ul>",
+        f"<pre>{e(config_json)}</pre></details>",
+        "</body></html>",
+    ]
     return "\n".join(parts) + "\n"
+
+
+def _paragraph(text: str) -> str:
+    """A paragraph; Markdown ``**bold**`` spans become ``<b>``, lines starting ``- `` a list."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if lines and all(line.startswith("- ") for line in lines):
+        items = "".join(f"<li>{_inline(line[2:])}</li>" for line in lines)
+        return f"<ul>{items}</ul>"
+    return f"<p>{_inline(' '.join(lines))}</p>"
+
+
+def _inline(text: str) -> str:
+    parts = html.escape(text).split("**")
+    return "".join(f"<b>{p}</b>" if k % 2 else p for k, p in enumerate(parts))
 
 
 def _table(table: Table) -> str:
@@ -72,7 +90,8 @@ def _table(table: Table) -> str:
     head = "".join(f"<th>{e(c)}</th>" for c in table.columns)
     body = "".join("<tr>" + "".join(_td(cell) for cell in row) + "</tr>" for row in table.rows)
     note = f'<p class="note">{e(table.note)}</p>' if table.note else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+    title = f'<p class="table-title"><b>{e(table.title)}</b></p>' if table.title else ""
+    return f"{title}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
 def _td(cell: str) -> str:

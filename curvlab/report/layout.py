@@ -1,10 +1,11 @@
 """What a report shows, independent of its format: sections, their narrative, figures and tables.
 
-Sections follow the records' sections in order of first appearance.  A figure
-belongs to section ``s`` when its name is ``s`` or starts with ``s_`` / ``s-``;
-other figures get a section of their own.  Narrative entries attach to the
-section of the same name; entries naming no section (e.g. ``"summary"``) open
-the report.
+Sections follow in this order: narrative entries that name no record section (e.g.
+``"summary"``, ``"findings"``) open the report, then the records' sections in order of
+first appearance.  A figure belongs to section ``s`` when its name is ``s`` or starts
+with ``s_`` / ``s-`` (the longest such section name wins); other figures get a section of
+their own.  Sections carry readable titles (:data:`TITLES`; unknown names show with
+``_`` as spaces); ``"summary"`` has none and opens the page as a paragraph.
 """
 
 from __future__ import annotations
@@ -12,107 +13,88 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import pandas as pd
-
 from curvlab.records import Record, to_dataframe
+from curvlab.report.tables import Table, section_tables
 
-MAX_TABLE_ROWS = 40
-"""Sections with more records are summarised (count, min, mean, max, last) per series."""
+TITLES = {
+    "summary": None,
+    "findings": "Findings",
+    "cosine": "Update directions: cosine similarity",
+    "relative_error": "Matrix error against the exact Fisher",
+    "spectrum": "Spectra and top-k eigenspaces",
+    "damping": "Effects of the damping λ",
+    "progress": "Progress per update",
+    "kfc_check": "KFC assumption checks (conv layers)",
+    "train": "Training curves",
+    "trajectory": "Diagnostics along the trajectory",
+}
+"""Section heading per section name (``None``: no heading)."""
 
-_ORDER = ("method", "reference", "layer", "damping", "metric", "index", "value")
-_FIXED = {"section", *_ORDER}
 
-
-@dataclass
-class Table:
-    """A table of formatted cells.
-
-    Attributes:
-        columns: Header cells.
-        rows: One list of cells per row, as long as ``columns``.
-        note: A line to show under the table (e.g. that it is a summary), or ``None``.
-    """
-
-    columns: list[str]
-    rows: list[list[str]]
-    note: str | None = None
+def section_title(name: str) -> str | None:
+    """The heading of section ``name``."""
+    if name in TITLES:
+        return TITLES[name]
+    text = name.replace("_", " ").replace("-", " ")
+    return text[:1].upper() + text[1:]
 
 
 @dataclass
 class Section:
-    """One report section: a heading with optional narrative, figures and table."""
+    """One report section: a heading with optional narrative, figures and tables."""
 
     name: str
+    title: str | None = None
     narrative: str | None = None
     figures: list[str] = field(default_factory=list)
-    table: Table | None = None
+    tables: list[Table] = field(default_factory=list)
 
 
 def layout(
     records: Sequence[Record],
     figure_names: Sequence[str],
     narrative: Mapping[str, str],
+    tables: Mapping[str, Sequence[Table]] | None = None,
+    reference: str | None = None,
 ) -> list[Section]:
-    """The report's sections, in reading order (see the module docstring)."""
+    """The report's sections, in reading order (see the module docstring).
+
+    Args:
+        records: The report's records.
+        figure_names: The figures' names.
+        narrative: Text per section name.
+        tables: Tables per section name, shown instead of the tables made from the
+            records (e.g. the findings).
+        reference: The report's reference method (see
+            :func:`~curvlab.report.tables.section_tables`).
+    """
+    tables = dict(tables or {})
     record_sections = list(dict.fromkeys(r.section for r in records))
-    owner = {name: _owner(name, record_sections) for name in figure_names}
-    names = record_sections + [s for s in dict.fromkeys(owner.values()) if s not in record_sections]
-    intro = [key for key in narrative if key not in names]
+    lead = [k for k in [*narrative, *tables] if k not in record_sections]
+    known = list(dict.fromkeys(lead + record_sections))
+    owner = {name: _owner(name, known) for name in figure_names}
+    names = known + [s for s in dict.fromkeys(owner.values()) if s not in known]
     frame = to_dataframe(records)
     sections = []
-    for name in intro + names:
-        rows = frame[frame["section"] == name] if name in record_sections else None
+    for name in names:
+        if name in tables:
+            shown = list(tables[name])
+        elif name in record_sections:
+            shown = section_tables(frame[frame["section"] == name], reference)
+        else:
+            shown = []
         sections.append(
             Section(
                 name=name,
+                title=section_title(name),
                 narrative=narrative.get(name),
                 figures=[f for f, s in owner.items() if s == name],
-                table=None if rows is None else section_table(rows),
+                tables=shown,
             )
         )
     return sections
 
 
 def _owner(figure: str, sections: Sequence[str]) -> str:
-    for section in sections:
-        if figure == section or figure.startswith((f"{section}_", f"{section}-")):
-            return section
-    return figure
-
-
-def section_table(rows: pd.DataFrame) -> Table:
-    """The records of one section as a table; summarised per series above
-    :data:`MAX_TABLE_ROWS` rows.  Columns that are empty throughout are left out."""
-    rows = rows.drop(columns="section").dropna(axis="columns", how="all")
-    extra = [c for c in rows.columns if c not in _FIXED]
-    columns = [c for c in _ORDER if c in rows.columns] + extra
-    if len(rows) <= MAX_TABLE_ROWS:
-        cells = [[format_cell(v) for v in row] for row in rows[columns].itertuples(index=False)]
-        return Table(columns, cells)
-    keys = [c for c in columns if c not in ("index", "value")]
-    if "index" in rows.columns:
-        rows = rows.sort_values("index", kind="stable")
-    groups = rows.groupby(keys, dropna=False, sort=False)["value"]
-    summary = groups.agg(["count", "min", "mean", "max", "last"]).reset_index()
-    summary = summary.rename(columns={"count": "n", "last": "last (highest index)"})
-    if "index" not in rows.columns:
-        summary = summary.drop(columns="last (highest index)")
-    note = f"Summary of {len(rows)} records; every value is in results.csv."
-    if len(summary) > MAX_TABLE_ROWS:
-        note = f"First {MAX_TABLE_ROWS} of {len(summary)} series. " + note
-        summary = summary.head(MAX_TABLE_ROWS)
-    cells = [[format_cell(v) for v in row] for row in summary.itertuples(index=False)]
-    return Table(list(summary.columns), cells, note)
-
-
-def format_cell(value: object) -> str:
-    """A table cell: floats with four significant digits, missing values empty."""
-    try:
-        missing = bool(pd.isna(value))
-    except (TypeError, ValueError):
-        missing = False
-    if missing:
-        return ""
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) < 1e6 else f"{value:.4g}"
-    return str(value)
+    matches = [s for s in sections if figure == s or figure.startswith((f"{s}_", f"{s}-"))]
+    return max(matches, key=len) if matches else figure

@@ -16,26 +16,28 @@ def render_markdown(
     sections: Sequence[Section],
     figure_files: Mapping[str, Sequence[str]],
 ) -> str:
-    """The Markdown document.
+    """The Markdown document: the sections, then the configuration and versions.
 
     Args:
         title: The top heading.
-        facts: ``(label, value)`` pairs listed under the title (date, device, versions).
-        config_json: The run configuration as JSON text.
+        facts: ``(label, value)`` pairs (date, device, versions), listed at the end.
+        config_json: The run configuration as JSON text, at the end.
         sections: The report's sections (see :func:`~curvlab.report.layout.layout`).
         figure_files: Per figure name, its files relative to the report folder.
     """
     lines = [f"# {title}", ""]
-    lines += [f"- **{label}**: {value}" for label, value in facts]
-    lines += ["", "## Configuration", "", "```json", config_json, "```", ""]
     for section in sections:
-        lines += [f"## {section.name}", ""]
+        if section.title is not None:
+            lines += [f"## {section.title}", ""]
         if section.narrative:
             lines += [section.narrative.strip(), ""]
         for name in section.figures:
             lines += [_figure(name, figure_files[name]), ""]
-        if section.table is not None:
-            lines += _table(section.table) + [""]
+        for table in section.tables:
+            lines += _table(table) + [""]
+    lines += ["## Configuration and versions", ""]
+    lines += [f"- **{label}**: {value}" for label, value in facts]
+    lines += ["", "```json", config_json, "```", ""]
     return "\n".join(lines)
 
 
@@ -52,7 +54,8 @@ def _cell(text: str) -> str:
 
 
 def _table(table: Table) -> list[str]:
-    lines = [
+    lines = [f"**{_cell(table.title)}**", ""] if table.title else []
+    lines += [
         "| " + " | ".join(map(_cell, table.columns)) + " |",
         "|" + "|".join(" --- " for _ in table.columns) + "|",
     ]

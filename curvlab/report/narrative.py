@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from curvlab.records import NETWORK, Record, to_dataframe
+from curvlab.report.findings import findings_text
 
 _INTRO = {
     "cosine": (
@@ -165,7 +166,8 @@ def _kfc(df: pd.DataFrame) -> list[str]:
 
 
 def narrative(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str, str]:
-    """Text per section (keys are section names) plus ``"summary"``, which opens the report.
+    """Text per section (keys are section names) plus ``"findings"``, which opens the report
+    (what was compared, then :func:`~curvlab.report.findings.findings_text`).
 
     Args:
         records: The report's records.
@@ -175,16 +177,16 @@ def narrative(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str,
     lam = float(config["headline_damping"])
     ref = str(config.get("reference", "exact"))
     models = ", ".join(config.get("models", [])) or "the model"
-    text = {
-        "summary": (
-            f"curvlab compared {', '.join(config.get('methods', []))} against the exactly "
-            f"computed Fisher (type '{config.get('fisher', 'exact')}'; 'exact' is the type-2 "
-            f"Fisher = GGN) on one batch of "
-            f"{config.get('batch_size', '?')} examples of '{config.get('data', '?')}' for "
-            f"{models}, from a single capture per model. Every value is in results.csv and "
-            "results.json; figures are in figures/ (PNG and PDF)."
-        )
-    }
+    summary = (
+        f"curvlab compared {', '.join(config.get('methods', []))} against the exactly "
+        f"computed Fisher (type '{config.get('fisher', 'exact')}'; 'exact' is the type-2 "
+        f"Fisher = GGN) on one batch of "
+        f"{config.get('batch_size', '?')} examples of '{config.get('data', '?')}' for "
+        f"{models}, from a single capture per model. Every value is in results.csv and "
+        "results.json; figures are in figures/ (PNG and PDF)."
+    )
+    findings = findings_text(records, config)
+    text = {"findings": f"{summary}\n\n{findings}" if findings else summary}
     details = {
         "cosine": lambda d: _cosine(d, lam, ref),
         "relative_error": _relative_error,

@@ -29,6 +29,7 @@ from curvlab.report.html_report import render_html
 from curvlab.report.layout import layout
 from curvlab.report.markdown_report import render_markdown
 from curvlab.report.results import read_payload, records_csv, results_payload, to_json
+from curvlab.report.tables import Table
 
 REPORT_MARKERS = ("results.json", "report.md")
 """Files whose presence means a folder already holds a report."""
@@ -46,6 +47,7 @@ def write_report(
     narrative: Mapping[str, str] | None = None,
     formats: Sequence[str] = ("png", "pdf"),
     force: bool = False,
+    tables: Mapping[str, Sequence[Table]] | None = None,
 ) -> Path:
     """Write a report of ``records`` into ``out_dir`` (created if missing).
 
@@ -60,6 +62,8 @@ def write_report(
         narrative: Text per section name; other keys (e.g. ``"summary"``) open the report.
         formats: Figure file formats.
         force: Overwrite a report already in ``out_dir``.
+        tables: Tables per section name, shown instead of the ones made from the records
+            (a name that is no record section, e.g. ``"findings"``, opens the report).
 
     Returns:
         The report folder.
@@ -83,7 +87,7 @@ def write_report(
     narrative = dict(narrative or {})
     formats = list(dict.fromkeys(formats))
     _check_inputs(records, figures, formats)
-    files = _render(records, config, figures, narrative, formats)
+    files = _render(records, config, figures, narrative, formats, dict(tables or {}))
     previous = _previous_files(out) if existing else []
     _commit(out, files)
     _remove_stale(out, previous, set(files))
@@ -116,6 +120,7 @@ def _render(
     figures: dict[str, Figure],
     narrative: dict[str, str],
     formats: list[str],
+    tables: dict[str, Sequence[Table]],
 ) -> dict[str, bytes]:
     """Every file of the report, by path relative to the report folder, in commit order."""
     files: dict[str, bytes] = {}
@@ -139,7 +144,8 @@ def _render(
         ("records", f"{len(records)} (all values in results.csv / results.json)"),
     ]
     config_json = to_json(payload["config"]).rstrip("\n")
-    sections = layout(records, list(figures), narrative)
+    reference = config.get("reference")
+    sections = layout(records, list(figures), narrative, tables, reference)
     title = "curvlab report"
     files["results.csv"] = records_csv(records).encode("utf-8")
     files["report.html"] = render_html(title, facts, config_json, sections, figure_png).encode(
