@@ -46,7 +46,7 @@ def plot_cosine_heatmap(
     low = min(0.0, float(np.nanmin(matrix)))
     cmap = mpl.colormaps[mpl.rcParams["image.cmap"]].with_extremes(bad="#eeeeee")
     image = ax.imshow(matrix, cmap=cmap, vmin=low, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(references)), references, rotation=30, ha="right")
+    ax.set_xticks(range(len(references)), references, rotation=90)
     ax.set_yticks(range(len(methods)), methods)
     ax.set_xlabel("reference")
     ax.set_ylabel("method")

@@ -8,7 +8,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from curvlab.plots.select import Records, reduce, select
-from curvlab.plots.style import LINE_COLORS, LINESTYLES, key_handles, legend, new_figure, styled
+from curvlab.plots.style import (
+    LINE_COLORS,
+    LINESTYLES,
+    MARKERS,
+    key_handles,
+    legend,
+    new_figure,
+    styled,
+)
 
 ERROR_METRICS = ("iad", "iad_sh", "kfc")
 """Relative errors of the approximations: independent activations and derivatives (IAD),
@@ -73,7 +81,7 @@ def _error_bars(ax: Axes, table: pd.DataFrame) -> None:
             color=_ERROR_COLORS[metric],
             label=metric.replace("_", "+").upper(),
         )
-    ax.set_xticks(positions, layers, rotation=30 if len(layers) > 4 else 0)
+    ax.set_xticks(positions, layers, rotation=90 if len(layers) > 4 else 0)
     ax.set_xlabel("conv layer")
     ax.set_ylabel("relative error")
     ax.grid(axis="x", visible=False)
@@ -81,26 +89,32 @@ def _error_bars(ax: Axes, table: pd.DataFrame) -> None:
 
 
 def _correlations(ax: Axes, table: pd.DataFrame) -> None:
-    """Correlation against offset: colour per layer, line style per metric."""
-    for i, layer in enumerate(dict.fromkeys(table["layer"])):
+    """Correlation against offset: colour and marker per layer, line style per metric;
+    layers are shifted slightly along the offset axis so that equal values (e.g. derivative
+    correlations of 0) stay visible side by side."""
+    layer_names = list(dict.fromkeys(table["layer"]))
+    for i, layer in enumerate(layer_names):
         for metric in CORRELATION_METRICS:
             line = table[(table["layer"] == layer) & (table["metric"] == metric)]
             if line.empty:
                 continue
             line = line.sort_values("index")
             ax.plot(
-                line["index"],
+                line["index"].to_numpy(dtype=float) + 0.08 * (i - (len(layer_names) - 1) / 2),
                 line["value"],
                 color=LINE_COLORS[i % len(LINE_COLORS)],
                 linestyle=LINESTYLES[CORRELATION_METRICS.index(metric)],
-                marker="o",
+                marker=MARKERS[i % len(MARKERS)],
             )
     ax.axhline(0.0, color="#999999", linewidth=0.6)
     ax.set_xlabel("spatial offset")
     ax.set_ylabel("correlation")
     layers = [
-        (f"layer {layer}", {"color": LINE_COLORS[i % len(LINE_COLORS)], "marker": "o"})
-        for i, layer in enumerate(dict.fromkeys(table["layer"]))
+        (
+            f"layer {layer}",
+            {"color": LINE_COLORS[i % len(LINE_COLORS)], "marker": MARKERS[i % len(MARKERS)]},
+        )
+        for i, layer in enumerate(layer_names)
     ]
     kinds = [
         (metric.removeprefix("corr_"), {"color": "#666666", "linestyle": LINESTYLES[k]})

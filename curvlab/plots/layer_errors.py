@@ -54,7 +54,7 @@ def plot_layer_errors(
                     fontsize=6,
                     color=method_color(method),
                 )
-    ax.set_xticks(positions, layers, rotation=30 if len(layers) > 4 else 0)
+    ax.set_xticks(positions, layers, rotation=90 if len(layers) > 4 else 0)
     ax.set_xlabel("layer")
     ax.set_ylabel(metric.replace("_", " "))
     if logy:

@@ -190,7 +190,7 @@ def compact_tables(rows: pd.DataFrame, index_label: str = "index") -> list[Table
     for pivot in PIVOTS:
         if pivot in keys and values[pivot].nunique() <= MAX_PIVOT and _unique(values, keys):
             return [_pivot(values, keys, pivot, index_label, note)]
-    if not keys or _unique(values, keys):
+    if "index" not in keys and (not keys or _unique(values, keys)):
         extra = [c for c in rows.columns if c not in KEYS and c != "value"]
         values = values.join(rows[extra]) if len(values) <= MAX_TABLE_ROWS else values
         return [_table(values, index_label, note)]
