@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,13 @@ from curvlab.cli.common import (
     optional,
     run_and_report,
 )
+from curvlab.cli.trained import (
+    PRETRAIN_METHODS,
+    file_digest,
+    load_weights,
+    pretrain,
+    read_state_dict,
+)
 from curvlab.compare.methods import DEFAULT_METHODS, METHODS, check_methods
 from curvlab.compare.run import (
     DEFAULT_DAMPING,
@@ -38,7 +47,7 @@ from curvlab.compare.run import (
     check_sections,
     compare,
 )
-from curvlab.data import BUILTIN_DATASETS, DATASETS, load_dataset
+from curvlab.data import BUILTIN_DATASETS, DATASETS, Dataset, load_dataset
 from curvlab.losses import FISHER_TYPES
 from curvlab.models import MODELS
 from curvlab.records import Record
@@ -104,6 +113,43 @@ def add_compare_options(
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [default: cpu]")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES), help="[default: float32]")
+    t = p.add_argument_group(
+        "trained point (default: the freshly initialised model)",
+    )
+    t.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="load a saved state_dict (torch.save(model.state_dict(), PATH)) into the model "
+        "(one --model only); keys and shapes must match",
+    )
+    t.add_argument(
+        "--pretrain",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="train this many mini-batch steps on the training split of --data before the "
+        "diagnosis [default: 0]",
+    )
+    t.add_argument(
+        "--pretrain-method",
+        default="sgd",
+        help=f"optimizer of --pretrain: {', '.join(PRETRAIN_METHODS)} [default: sgd]",
+    )
+    t.add_argument(
+        "--pretrain-lr",
+        type=float,
+        default=None,
+        help="learning rate of --pretrain [default: "
+        + ", ".join(f"{k} {v[1]:g}" for k, v in PRETRAIN_METHODS.items())
+        + "]",
+    )
+    t.add_argument(
+        "--pretrain-batch-size",
+        type=int,
+        default=None,
+        help="mini-batch size of --pretrain [default: --batch-size]",
+    )
     c = p.add_argument_group("comparison")
     add_plugin_option(c)
     c.add_argument(
@@ -230,7 +276,50 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "max_eigenvalues": args.max_eigenvalues or None,
         "kfc_max_params": args.kfc_max_params,
         "formats": formats,
+        **trained_config(args, models),
     }
+
+
+def trained_config(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
+    """``weights`` (path and SHA-256 of the file, or ``None``) and ``pretrain`` (steps,
+    method, lr, batch size, or ``None``) of the configuration.
+
+    Raises:
+        UsageError: ``--weights`` with several models or a missing file; a bad pretraining
+            option.
+    """
+    weights = None
+    if args.weights is not None:
+        if len(models) != 1:
+            raise UsageError(
+                f"--weights fits one model, but --model names {len(models)} "
+                f"({', '.join(models)}); run one model per --weights file"
+            )
+        path = Path(args.weights)
+        read_state_dict(args.weights)  # a missing or unreadable file stops the run here
+        weights = {"path": str(path.resolve()), "sha256": file_digest(path)}
+    if args.pretrain < 0:
+        raise UsageError(f"--pretrain must be an integer >= 0, got {args.pretrain}")
+    if args.pretrain_method not in PRETRAIN_METHODS:
+        raise UsageError(
+            f"unknown --pretrain-method '{args.pretrain_method}'; choose from "
+            f"{', '.join(PRETRAIN_METHODS)}"
+        )
+    lr = PRETRAIN_METHODS[args.pretrain_method][1] if args.pretrain_lr is None else args.pretrain_lr
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--pretrain-lr must be a finite number > 0, got {args.pretrain_lr}")
+    batch = args.batch_size if args.pretrain_batch_size is None else args.pretrain_batch_size
+    if batch < 1:
+        raise UsageError(f"--pretrain-batch-size must be an integer >= 1, got {batch}")
+    pretrain = None
+    if args.pretrain > 0:
+        pretrain = {
+            "steps": args.pretrain,
+            "method": args.pretrain_method,
+            "lr": lr,
+            "batch_size": batch,
+        }
+    return {"weights": weights, "pretrain": pretrain}
 
 
 def compare_options(config: dict[str, Any]) -> dict[str, Any]:
@@ -252,21 +341,29 @@ def compare_options(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_batch(config: dict[str, Any]) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
-    """The batch: ``batch_size`` examples of the training split, chosen by a permutation
-    seeded with ``seed`` (from the first :data:`POOL` examples of file-based datasets).
-
-    Returns:
-        Inputs and targets on the configured device/dtype, the input shape, the classes.
-    """
+def load_pool(config: dict[str, Any]) -> Dataset:
+    """The training split the batch is drawn from (and ``--pretrain`` trains on): all of a
+    built-in dataset, the first :data:`POOL` examples of a file-based one."""
     name = config["data"]
-    ds = load_dataset(
+    return load_dataset(
         name,
         "train",
         n=None if name in BUILTIN_DATASETS else POOL,
         root=config["data_root"],
         dtype=DTYPES[config["dtype"]],
     )
+
+
+def load_batch(
+    config: dict[str, Any], pool: Dataset | None = None
+) -> tuple[Tensor, Tensor, tuple[int, ...], int]:
+    """The batch: ``batch_size`` examples of the training split, chosen by a permutation
+    seeded with ``seed`` (from the first :data:`POOL` examples of file-based datasets).
+
+    Returns:
+        Inputs and targets on the configured device/dtype, the input shape, the classes.
+    """
+    ds = load_pool(config) if pool is None else pool
     if config["batch_size"] > len(ds):
         raise UsageError(f"--batch-size {config['batch_size']} exceeds the {len(ds)} examples")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(config["seed"]))
@@ -275,20 +372,41 @@ def load_batch(config: dict[str, Any]) -> tuple[Tensor, Tensor, tuple[int, ...],
     return ds.inputs[pick].to(device), ds.targets[pick].to(device), ds.input_shape, ds.num_classes
 
 
+def trained_model(
+    spec: str, config: dict[str, Any], pool: Dataset, problem: dict[str, Any]
+) -> nn.Module:
+    """Model ``spec`` at the configured point: built (or imported), then ``--weights``
+    loaded, then ``--pretrain`` steps taken; pretraining losses go into ``problem``."""
+    try:
+        model = load_model(spec, pool.input_shape, pool.num_classes, config)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        raise UsageError(f"model '{spec}': {err}") from None
+    if config.get("weights") is not None:
+        path = config["weights"]["path"]
+        load_weights(model, read_state_dict(path), path, spec)
+    if config.get("pretrain") is not None:
+        device = torch.device(config["device"])
+        problem["pretrain"] = pretrain(
+            model,
+            nn.CrossEntropyLoss(),
+            pool.inputs.to(device),
+            pool.targets.to(device),
+            config,
+        )
+    return model
+
+
 def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
     """Run the comparison of every configured model; records carry ``extra["model"]``.
 
-    Also stores each model's number of trainable parameters in ``config["problems"]``.
+    Also stores, per model in ``config["problems"]``, the number of trainable parameters
+    and, with ``--pretrain``, the training loss over the first and last steps.
     """
-    inputs, targets, shape, classes = load_batch(config)
-    models = []
-    for spec in config["models"]:
-        try:
-            models.append((spec, load_model(spec, shape, classes, config)))
-        except (ImportError, AttributeError, TypeError, ValueError) as err:
-            raise UsageError(f"model '{spec}': {err}") from None
+    pool = load_pool(config)
+    inputs, targets, _, _ = load_batch(config, pool)
+    problems: dict[str, dict[str, Any]] = {spec: {} for spec in config["models"]}
+    models = [(spec, trained_model(spec, config, pool, problems[spec])) for spec in problems]
     records: list[Record] = []
-    problems = {}
     for spec, model in tqdm(models, desc="models", disable=not progress or len(models) == 1):
         loss_fn = nn.CrossEntropyLoss()
         found = compare(
@@ -296,7 +414,8 @@ def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
         )
         records += [dataclasses.replace(r, extra={**r.extra, "model": spec}) for r in found]
         problems[spec] = {
-            "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad)
+            "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            **problems[spec],
         }
     config["problems"] = problems
     return records

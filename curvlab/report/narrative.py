@@ -165,6 +165,31 @@ def _kfc(df: pd.DataFrame) -> list[str]:
     return out
 
 
+def trained_point(config: Mapping[str, Any]) -> str:
+    """Where the models were diagnosed: initial weights, loaded weights, and/or after
+    pretraining (with its training losses per model)."""
+    weights, spec = config.get("weights"), config.get("pretrain")
+    if weights is None and spec is None:
+        return "at the models' initial weights"
+    parts = []
+    if weights is not None:
+        parts.append(f"with the weights of {weights['path']}")
+    if spec is not None:
+        losses = [
+            f"{model} {p['pretrain']['first_loss']:.3g} → {p['pretrain']['last_loss']:.3g}"
+            for model, p in config.get("problems", {}).items()
+            if "pretrain" in p
+        ]
+        trained = (
+            f"after {spec['steps']} steps of {spec['method']} (learning rate {spec['lr']:g}, "
+            f"batch {spec['batch_size']}) on the training split"
+        )
+        if losses:
+            trained += f" (training loss, first → last steps: {', '.join(losses)})"
+        parts.append(trained)
+    return " ".join(parts)
+
+
 def narrative(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str, str]:
     """Text per section (keys are section names) plus ``"findings"``, which opens the report
     (what was compared, then :func:`~curvlab.report.findings.findings_text`).
@@ -182,8 +207,8 @@ def narrative(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str,
         f"computed Fisher (type '{config.get('fisher', 'exact')}'; 'exact' is the type-2 "
         f"Fisher = GGN) on one batch of "
         f"{config.get('batch_size', '?')} examples of '{config.get('data', '?')}' for "
-        f"{models}, from a single capture per model. Every value is in results.csv and "
-        "results.json; figures are in figures/ (PNG and PDF)."
+        f"{models}, from a single capture per model, {trained_point(config)}. Every value "
+        "is in results.csv and results.json; figures are in figures/ (PNG and PDF)."
     )
     findings = findings_text(records, config)
     text = {"findings": f"{summary}\n\n{findings}" if findings else summary}
