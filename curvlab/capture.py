@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from curvlab.errors import ShapeError, UnsupportedModelError
+from curvlab.errors import OptionError, ShapeError, UnsupportedModelError
 from curvlab.layers import LayerKind, find_layers
 from curvlab.losses import FISHER_TYPES, check_loss, check_targets, fisher_columns, loss_scales
 from curvlab.numerics import check_finite, check_vector
@@ -182,9 +182,9 @@ def capture(
     ``model.eval()`` first for a diagnostic that must leave the model untouched.
     """
     if fisher not in FISHER_TYPES:
-        raise ValueError(f"fisher={fisher!r} is unknown; choose one of {', '.join(FISHER_TYPES)}.")
+        raise OptionError(f"fisher={fisher!r} is unknown; choose one of {', '.join(FISHER_TYPES)}.")
     if int(mc_samples) != mc_samples or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        raise OptionError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
     check_loss(loss_fn)
     if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
         raise ShapeError("inputs and targets must be torch.Tensors.")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from curvlab.errors import OptionError
+
 GiB = 2**30
 MiB = 2**20
 
@@ -20,7 +22,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(float(raw))
     except ValueError as err:
-        raise ValueError(f"{name}={raw!r} is not a number of bytes") from err
+        raise OptionError(f"{name}={raw!r} is not a number of bytes (e.g. 4e9)") from err
 
 
 @dataclass

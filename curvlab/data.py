@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from curvlab.errors import DataError, OptionError
+
 DATASETS = ("digits", "mnist-5k", "mnist", "fashion-mnist", "cifar10")
 """Names accepted by :func:`load_dataset`."""
 
@@ -93,7 +95,7 @@ NUM_CLASSES = 10
 """Every built-in dataset has ten classes."""
 
 
-class CorruptDataError(ValueError):
+class CorruptDataError(DataError):
     """A data file exists but does not hold what its name promises."""
 
 
@@ -154,13 +156,13 @@ def load_dataset(
         CorruptDataError: a data file does not have the expected format.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+        raise OptionError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split '{split}'; choose 'train' or 'test'")
+        raise OptionError(f"unknown split '{split}'; choose 'train' or 'test'")
     if n is not None and n < 1:
-        raise ValueError(f"n must be a positive number of examples, got {n}")
+        raise OptionError(f"n must be a positive number of examples, got {n}")
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        raise OptionError(f"dtype must be a floating-point dtype, got {dtype}")
     if name == "digits":
         pixels, labels, stats = _digits(split)
     elif name == "mnist-5k":
@@ -174,7 +176,7 @@ def load_dataset(
         stats = _STATS[name]
     if n is not None:
         if n > len(labels):
-            raise ValueError(
+            raise OptionError(
                 f"n={n} exceeds the {len(labels)} examples of the {name} {split} split"
             )
         pixels, labels = pixels[:n], labels[:n]

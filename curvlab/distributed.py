@@ -41,6 +41,7 @@ from curvlab.curvature.factors import KFAC_APPROX, LayerFactors, grad_factor, in
 from curvlab.curvature.foof import exact_layer_block, foof_block
 from curvlab.curvature.gram import SCHEMES, choose_scheme, gram_rows
 from curvlab.curvature.kfac import DAMPING_MODES, KFAC, KFACBlock
+from curvlab.errors import OptionError
 from curvlab.numerics import SOLVE_DTYPE, check_choice, compute_dtype
 
 REDUCTIONS = ("mean", "sum")
@@ -107,7 +108,7 @@ def _reduction(capture: Capture, sizes: list[int], reduction: str | None, group)
     """The loss reduction, given or inferred from every rank's scale (``1/N_r`` or 1)."""
     if reduction is not None:
         if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction={reduction!r} is unknown; choose 'mean' or 'sum'.")
+            raise OptionError(f"reduction={reduction!r} is unknown; choose 'mean' or 'sum'.")
         return reduction
     scales = all_gather_dim(
         torch.tensor([capture.scale], dtype=torch.float64, device=capture.device),
@@ -116,7 +117,7 @@ def _reduction(capture: Capture, sizes: list[int], reduction: str | None, group)
         group,
     ).tolist()
     if all(n == 1 for n in sizes):
-        raise ValueError(
+        raise OptionError(
             "every shard holds one sample, so 'mean' and 'sum' reductions look alike; "
             "pass reduction='mean' or 'sum'."
         )
@@ -128,7 +129,7 @@ def _reduction(capture: Capture, sizes: list[int], reduction: str | None, group)
         return "mean"
     if all(is_sum):
         return "sum"
-    raise ValueError(f"the shards' loss scales {scales} fit neither 'mean' nor 'sum'.")
+    raise OptionError(f"the shards' loss scales {scales} fit neither 'mean' nor 'sum'.")
 
 
 def gather_capture(capture: Capture, group=None, reduction: str | None = None) -> Capture:

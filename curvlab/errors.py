@@ -29,3 +29,11 @@ class MemoryBudgetError(CurvlabError, MemoryError):
 
 class ConvergenceError(CurvlabError, ArithmeticError):
     """An iterative computation (e.g. KFOC's power iteration) did not reach its tolerance."""
+
+
+class OptionError(CurvlabError, ValueError):
+    """An argument or option value outside its valid choices (the message names them)."""
+
+
+class DataError(CurvlabError, ValueError):
+    """Records, results files or datasets that do not hold what the caller needs."""

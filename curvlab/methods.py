@@ -61,6 +61,7 @@ from curvlab.curvature import (
     ExactFisher,
     Shampoo,
 )
+from curvlab.errors import OptionError
 
 if TYPE_CHECKING:
     from curvlab.compare.analysis import Analysis
@@ -114,7 +115,7 @@ class Method:
         if self.optimizer is not None:
             return self.optimizer(model, loss_fn, **options)
         if self.build is None:
-            raise ValueError(f"method '{self.name}' has neither an optimizer nor a curvature")
+            raise OptionError(f"method '{self.name}' has neither an optimizer nor a curvature")
         from curvlab.optim.one_batch import OneBatchCurvature
 
         return OneBatchCurvature(model, loss_fn, self.build, **options)
@@ -146,11 +147,11 @@ def register_method(
             ``build`` nor ``optimizer``.
     """
     if not name or any(ch in name for ch in ", \t\n:") or name.lower() == "none":
-        raise ValueError(f"bad method name {name!r}: use letters, digits, '-' or '_'")
+        raise OptionError(f"bad method name {name!r}: use letters, digits, '-' or '_'")
     if name in _REGISTRY and not replace:
-        raise ValueError(f"method '{name}' is already registered; pass replace=True")
+        raise OptionError(f"method '{name}' is already registered; pass replace=True")
     if build is None and optimizer is None:
-        raise ValueError(f"method '{name}' needs a curvature builder or an optimizer")
+        raise OptionError(f"method '{name}' needs a curvature builder or an optimizer")
     method = Method(
         name,
         summary,
@@ -202,9 +203,9 @@ def _check(names: Sequence[str], valid: Mapping[str, Method]) -> list[str]:
     names = list(dict.fromkeys(names))
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"unknown method '{unknown[0]}'; choose from {', '.join(valid)}")
+        raise OptionError(f"unknown method '{unknown[0]}'; choose from {', '.join(valid)}")
     if not names:
-        raise ValueError(f"no method given; choose from {', '.join(valid)}")
+        raise OptionError(f"no method given; choose from {', '.join(valid)}")
     return names
 
 
@@ -236,11 +237,11 @@ def load_plugin(spec: str) -> None:
     """
     module_name, sep, attr = spec.partition(":")
     if not module_name or (sep and not attr):
-        raise ValueError(f"plugin '{spec}' must be 'package.module' or 'package.module:function'")
+        raise OptionError(f"plugin '{spec}' must be 'package.module' or 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(
+        raise OptionError(
             f"cannot import plugin module '{module_name}' ({err}); run from the folder that "
             "holds it or add that folder to PYTHONPATH"
         ) from err
@@ -248,7 +249,7 @@ def load_plugin(spec: str) -> None:
         return
     target = getattr(module, attr, None)
     if not callable(target):
-        raise ValueError(f"plugin '{spec}': '{module_name}' has no function '{attr}'")
+        raise OptionError(f"plugin '{spec}': '{module_name}' has no function '{attr}'")
     target()
 
 
@@ -268,7 +269,7 @@ def _backpack(analysis: Analysis) -> Curvature:
     capt = analysis.capture
     kinds = {"exact": "kflr", "mc": "kfac"}
     if capt.fisher not in kinds:
-        raise ValueError(
+        raise OptionError(
             f"kfac-backpack needs fisher 'exact' (KFLR) or 'mc' (KFAC), not '{capt.fisher}'"
         )
     return BackpackKFAC(

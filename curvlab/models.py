@@ -18,6 +18,8 @@ from itertools import pairwise
 import torch
 from torch import nn
 
+from curvlab.errors import OptionError
+
 MODELS = ("mlp", "logreg", "cnn", "cnn-max", "cnn-avg", "benzing-mlp", "deep-linear")
 """Names accepted by :func:`build_model`."""
 
@@ -62,22 +64,22 @@ def build_model(
         ValueError: unknown name, unknown option, or an input shape the model cannot take.
     """
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+        raise OptionError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
     builder = _BUILDERS[name]
     options = [
         p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY
     ]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"model '{name}' has no option {', '.join(map(repr, unknown))}; "
             f"its options are {', '.join(options) or 'none'}"
         )
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"input_shape must be non-empty and positive, got {tuple(input_shape)}")
+        raise OptionError(f"input_shape must be non-empty and positive, got {tuple(input_shape)}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
+        raise OptionError(f"num_classes must be positive, got {num_classes}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(shape, num_classes, **kwargs)
@@ -99,7 +101,7 @@ def kaiming_normal_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _activation(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation '{name}'; choose one of {', '.join(_ACTIVATIONS)}")
+        raise OptionError(f"unknown activation '{name}'; choose one of {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]()
 
 
@@ -153,7 +155,7 @@ def _deep_linear(
     bias: bool = False,
 ) -> nn.Module:
     if depth < 1:
-        raise ValueError(f"deep-linear needs depth >= 1 layers, got {depth}")
+        raise OptionError(f"deep-linear needs depth >= 1 layers, got {depth}")
     return _fully_connected(math.prod(shape), [width] * (depth - 1), num_classes, None, bias)
 
 
@@ -166,18 +168,18 @@ def _cnn(
     activation: str = "relu",
 ) -> nn.Module:
     if len(shape) != 3:
-        raise ValueError(
+        raise OptionError(
             f"the cnn models need image inputs of shape (C, H, W), got {shape}; "
             "load the dataset without flattening"
         )
     if pooling not in _POOLING:
-        raise ValueError(f"unknown pooling '{pooling}'; choose one of {', '.join(_POOLING)}")
+        raise OptionError(f"unknown pooling '{pooling}'; choose one of {', '.join(_POOLING)}")
     c, h, w = shape
     if len(channels) != 2:
-        raise ValueError(f"cnn takes two conv widths, got channels={tuple(channels)}")
+        raise OptionError(f"cnn takes two conv widths, got channels={tuple(channels)}")
     h_out, w_out = h // 4, w // 4
     if h_out < 1 or w_out < 1:
-        raise ValueError(f"cnn pools twice by 2 and needs H, W >= 4, got {h}x{w}")
+        raise OptionError(f"cnn pools twice by 2 and needs H, W >= 4, got {h}x{w}")
     c1, c2 = channels
     return nn.Sequential(
         nn.Conv2d(c, c1, 3, padding=1),
@@ -231,7 +233,7 @@ def load_user_model(spec: str, **kwargs) -> nn.Module:
     """
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name or not attr_path or ":" in attr_path:
-        raise ValueError(
+        raise OptionError(
             f"user model '{spec}' must have the form 'package.module:function', e.g. "
             "'mymodels:make_net'"
         )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from curvlab.errors import NonFiniteError, ShapeError, SingularMatrixError
+from curvlab.errors import NonFiniteError, OptionError, ShapeError, SingularMatrixError
 
 SOLVE_DTYPE = torch.float64
 
@@ -80,7 +80,7 @@ def check_vector(v: Tensor, size: int, what: str = "vector") -> None:
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     """Raise ``ValueError`` naming ``name``, ``value`` and the valid ``choices``."""
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is unknown; choose one of {', '.join(choices)}.")
+        raise OptionError(f"{name}={value!r} is unknown; choose one of {', '.join(choices)}.")
 
 
 def check_damping(damping: float, allow_zero: bool = True) -> float:

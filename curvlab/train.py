@@ -41,7 +41,7 @@ from curvlab.compare.analysis import Analysis
 from curvlab.compare.cosine import cosine_records
 from curvlab.compare.progress import progress_records
 from curvlab.compare.run import DEFAULT_LRS
-from curvlab.errors import NonFiniteError, SingularMatrixError
+from curvlab.errors import NonFiniteError, OptionError, SingularMatrixError
 from curvlab.methods import TRAIN_METHODS, check_methods, check_train_methods
 from curvlab.records import NETWORK, Record
 
@@ -124,10 +124,10 @@ class Diagnostics:
 
     def __post_init__(self) -> None:
         if int(self.every) != self.every or self.every < 1:
-            raise ValueError(f"Diagnostics.every must be a positive integer, got {self.every!r}")
+            raise OptionError(f"Diagnostics.every must be a positive integer, got {self.every!r}")
         check_methods(list(self.methods))
         if not self.damping > 0:
-            raise ValueError(f"Diagnostics.damping must be > 0, got {self.damping!r}")
+            raise OptionError(f"Diagnostics.damping must be > 0, got {self.damping!r}")
 
     def records(
         self, model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, step: int
@@ -209,11 +209,11 @@ def train(
         raised) instead of aborting the others.
     """
     if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise OptionError(f"steps must be a positive integer, got {steps!r}")
     if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise OptionError(f"batch_size must be a positive integer, got {batch_size!r}")
     if diagnostics is not None and diagnostics.follow not in methods:
-        raise ValueError(
+        raise OptionError(
             f"diagnostics follow '{diagnostics.follow}', which is not among the methods "
             f"({', '.join(methods)})"
         )
@@ -385,9 +385,9 @@ def grid_search(
     """
     check_train_methods([method])
     if not grid or any(len(v) == 0 for v in grid.values()):
-        raise ValueError("grid must name at least one hyperparameter, each with values")
+        raise OptionError("grid must name at least one hyperparameter, each with values")
     if score_steps is not None and not 1 <= score_steps <= steps:
-        raise ValueError(f"score_steps must lie in 1..steps={steps}, got {score_steps!r}")
+        raise OptionError(f"score_steps must lie in 1..steps={steps}, got {score_steps!r}")
     names = list(grid)
     values = {k: list(dict.fromkeys(v)) for k, v in grid.items()}
     window = max(1, (score_steps or steps) // 10)

@@ -48,6 +48,7 @@ from curvlab.compare.run import (
     compare,
 )
 from curvlab.data import BUILTIN_DATASETS, DATASETS, Dataset, load_dataset
+from curvlab.errors import OptionError
 from curvlab.losses import FISHER_TYPES
 from curvlab.models import MODELS
 from curvlab.records import Record
@@ -233,7 +234,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         inner = [] if args.inner.lower() == "none" else names(args.inner)
         check_methods(inner)
         if "sgd" in inner:
-            raise ValueError("'sgd' has no curvature for an inner product; choose another method")
+            raise OptionError("'sgd' has no curvature for an inner product; choose another method")
         sections = check_sections(names(args.sections))
         damping = check_positive(names(args.damping), "damping")
         lrs = check_positive(names(args.lr), "learning rate")

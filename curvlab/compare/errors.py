@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 from curvlab.compare.analysis import Analysis
 from curvlab.compare.methods import METHODS
+from curvlab.errors import OptionError
 from curvlab.records import NETWORK, Record
 
 
@@ -55,7 +56,7 @@ def relative_errors(analysis: Analysis, method: str) -> dict[str, tuple[float, f
         return {name: (0.0, 1.0) for name in [*analysis.layer_names, NETWORK]}
     curv = analysis.curvature(method)
     if curv is None:
-        raise ValueError(f"method '{method}' has no curvature to compare")
+        raise OptionError(f"method '{method}' has no curvature to compare")
     out = {}
     for lc in capt.layers:
         block = curv.blocks[lc.name]

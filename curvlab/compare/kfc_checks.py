@@ -44,6 +44,7 @@ from torch import Tensor
 from curvlab.compare.analysis import Analysis
 from curvlab.config import options
 from curvlab.curvature.gram import per_sample_gradients
+from curvlab.errors import ShapeError
 from curvlab.numerics import SOLVE_DTYPE
 from curvlab.records import Record
 
@@ -105,7 +106,7 @@ def kfc_matrices(a: Tensor, e: Tensor, scale: float, shape: Sequence[int]) -> di
     n, t, d = a.shape
     o = e.shape[-1]
     if math.prod(shape) != t:
-        raise ValueError(f"spatial shape {tuple(shape)} does not have T = {t} locations")
+        raise ShapeError(f"spatial shape {tuple(shape)} does not have T = {t} locations")
     index, counts, _ = offset_index(shape)
     index, counts = index.to(a.device), counts.to(a.device, SOLVE_DTYPE)
     iad = a.new_zeros(o * o, d * d)

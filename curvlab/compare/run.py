@@ -31,6 +31,7 @@ from curvlab.compare.kfc_checks import kfc_check_records
 from curvlab.compare.methods import DEFAULT_METHODS, METHODS, check_methods
 from curvlab.compare.progress import progress_records
 from curvlab.compare.spectra import overlap_records, spectrum_records
+from curvlab.errors import OptionError
 from curvlab.records import Record
 
 SECTIONS = ("cosine", "relative_error", "spectrum", "damping", "progress", "kfc_check")
@@ -52,7 +53,7 @@ def check_sections(names: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in SECTIONS]
     if unknown or not names:
         what = f"unknown section '{unknown[0]}'" if unknown else "no section given"
-        raise ValueError(f"{what}; choose from {', '.join(SECTIONS)}")
+        raise OptionError(f"{what}; choose from {', '.join(SECTIONS)}")
     return [s for s in SECTIONS if s in names]
 
 
@@ -69,10 +70,10 @@ def check_positive(values: Sequence[float], what: str) -> tuple[float, ...]:
         except (TypeError, ValueError):
             x = float("nan")
         if not (math.isfinite(x) and x > 0):
-            raise ValueError(f"bad {what} {v!r}; every {what} must be a finite number > 0")
+            raise OptionError(f"bad {what} {v!r}; every {what} must be a finite number > 0")
         out.append(x)
     if not out:
-        raise ValueError(f"no {what} given; pass at least one finite number > 0")
+        raise OptionError(f"no {what} given; pass at least one finite number > 0")
     return tuple(sorted(set(out)))
 
 
@@ -139,13 +140,13 @@ def compare(
     with_curvature = [m for m in METHODS if m != "sgd"]
     for name in inner_products:
         if name not in with_curvature:
-            raise ValueError(
+            raise OptionError(
                 f"unknown inner product '{name}'; choose from {', '.join(with_curvature)}"
             )
     if rescale_to is not None:
         check_methods([rescale_to])
     if int(top_k) != top_k or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        raise OptionError(f"top_k must be a positive integer, got {top_k!r}")
     generator = torch.Generator(device=inputs.device).manual_seed(seed)
     analysis = Analysis(model, loss_fn, inputs, targets, fisher, mc_samples, generator)
     tasks = {

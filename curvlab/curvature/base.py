@@ -36,7 +36,7 @@ from torch import Tensor
 
 from curvlab.capture import LayerCapture
 from curvlab.config import format_bytes, options
-from curvlab.errors import MemoryBudgetError
+from curvlab.errors import MemoryBudgetError, ShapeError
 from curvlab.numerics import SOLVE_DTYPE, check_damping, check_vector
 
 
@@ -134,7 +134,7 @@ class Curvature(ABC):
 
         size = sum(lc.info.num_params for lc in layers)
         if size != self.num_params:
-            raise ValueError(f"the layers hold {size} parameters, the curvature {self.num_params}")
+            raise ShapeError(f"the layers hold {size} parameters, the curvature {self.num_params}")
         n = layers[0].a.shape[0]
         step = samples_per_chunk(layers)
         total = 0.0
@@ -286,7 +286,7 @@ class LayerwiseCurvature(Curvature):
         """``⟨C, F⟩ = Σ_l ⟨C_l, F_ll⟩``: only the diagonal blocks of ``F`` meet ``C``'s."""
         by_name = {lc.name: lc for lc in layers}
         if set(by_name) != set(self._blocks):
-            raise ValueError(
+            raise ShapeError(
                 f"the layers ({', '.join(by_name)}) are not this curvature's blocks "
                 f"({', '.join(self._blocks)})"
             )

@@ -22,6 +22,7 @@ from curvlab.capture import Capture, LayerCapture
 from curvlab.curvature.base import LayerwiseCurvature
 from curvlab.curvature.columns import eigenbasis_second_moment
 from curvlab.curvature.eigen_block import EigenBlock
+from curvlab.errors import OptionError
 from curvlab.numerics import compute_dtype
 
 
@@ -53,7 +54,7 @@ class DiagEmpiricalFisher(LayerwiseCurvature):
 
     def __init__(self, capture: Capture):
         if capture.empirical_ratio is None or any(lc.g is None for lc in capture.layers):
-            raise ValueError(
+            raise OptionError(
                 "the diagonal empirical Fisher needs the gradient's output rows; capture "
                 "with gradient rows (the default of curvlab.capture)"
             )

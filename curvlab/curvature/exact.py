@@ -37,7 +37,7 @@ from curvlab.curvature.base import (
     top_count,
 )
 from curvlab.curvature.gram import layer_gram, layer_gram_and_cross, per_sample_gradients
-from curvlab.errors import MemoryBudgetError, SingularMatrixError
+from curvlab.errors import MemoryBudgetError, OptionError, SingularMatrixError
 from curvlab.numerics import (
     SOLVE_DTYPE,
     check_damping,
@@ -224,7 +224,10 @@ class GramFisher(Curvature):
         lam = check_damping(damping, allow_zero=False)
         if any(lc.g is None for lc in self._layers):
             if self._capture.grad is None:
-                raise ValueError("the capture holds neither gradient rows nor a gradient.")
+                raise OptionError(
+                    "the capture holds neither gradient rows nor a gradient; capture with "
+                    "gradient=True."
+                )
             grad = torch.cat([self._capture.grad[lc.info.slice] for lc in self._layers])
             return self.solve(grad, lam)
         ratio = self._capture.grad_ratio

@@ -37,6 +37,7 @@ from curvlab.curvature.base import LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
 from curvlab.curvature.factors import Eigen
 from curvlab.curvature.kfoc import rearranged_product, rearranged_transpose_product
+from curvlab.errors import OptionError
 from curvlab.numerics import SOLVE_DTYPE, compute_dtype
 
 EXPONENTS = (1.0, 0.5)
@@ -70,7 +71,7 @@ class Shampoo(LayerwiseCurvature):
 
     def __init__(self, capture: Capture, exponent: float = 1.0):
         if exponent not in EXPONENTS:
-            raise ValueError(f"exponent must be 1 (Shampoo²) or 0.5 (Shampoo), got {exponent!r}")
+            raise OptionError(f"exponent must be 1 (Shampoo²) or 0.5 (Shampoo), got {exponent!r}")
         self.exponent = exponent
         dtype = compute_dtype(capture.dtype)
         blocks = {}

@@ -24,6 +24,7 @@ from curvlab.capture import Capture
 from curvlab.curvature.base import LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
 from curvlab.curvature.factors import Eigen, LayerFactors
+from curvlab.errors import OptionError
 from curvlab.numerics import compute_dtype
 from curvlab.optim.structures import BlockDiagonal, Dense, Diagonal, Structure, as_structure
 
@@ -71,7 +72,7 @@ class SINGDCurvature(LayerwiseCurvature):
     def __init__(self, capture: Capture, structure: str | Structure = "dense"):
         struct = as_structure(structure)
         if not isinstance(struct, CLOSED_STRUCTURES):
-            raise ValueError(
+            raise OptionError(
                 f"one-batch SINGD needs a structure closed under transposition (dense, "
                 f"diagonal, block_diagonal), not '{struct.name}': its IKFAC fixed point has "
                 "no closed form; train with curvlab.optim.SINGD instead"

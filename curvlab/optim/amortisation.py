@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from curvlab.errors import OptionError
+
 
 @dataclass(frozen=True)
 class Amortisation:
@@ -35,10 +37,10 @@ class Amortisation:
 
     def __post_init__(self) -> None:
         if int(self.inverse_every) != self.inverse_every or self.inverse_every < 1:
-            raise ValueError(f"inverse_every must be an integer ≥ 1, got {self.inverse_every!r}.")
+            raise OptionError(f"inverse_every must be an integer ≥ 1, got {self.inverse_every!r}.")
         s = self.stats_steps
         if s is not None and (int(s) != s or not 1 <= s <= self.inverse_every):
-            raise ValueError(
+            raise OptionError(
                 f"stats_steps must be an integer in [1, inverse_every={self.inverse_every}] "
                 f"or None, got {s!r}."
             )
@@ -61,7 +63,7 @@ class Amortisation:
 def check_decay(decay: float) -> float:
     """Validate a moving-average decay ``ρ ∈ [0, 1)``."""
     if not 0 <= decay < 1:
-        raise ValueError(f"ema_decay must lie in [0, 1), got {decay!r}.")
+        raise OptionError(f"ema_decay must lie in [0, 1), got {decay!r}.")
     return float(decay)
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.capture import Capture, capture
-from curvlab.errors import ShapeError
+from curvlab.errors import OptionError, ShapeError
 from curvlab.layers import LayerKind, find_layers
 from curvlab.losses import FISHER_TYPES, check_loss
 from curvlab.numerics import SOLVE_DTYPE, check_choice, check_damping
@@ -86,7 +86,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Only the one group built at construction is supported (the curvature couples
         all captured parameters)."""
         if self.param_groups:
-            raise ValueError(
+            raise OptionError(
                 f"{type(self).__name__} manages exactly the captured parameters in one group; "
                 "build a second optimizer for other parameters."
             )
@@ -220,11 +220,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 def _check_hyperparameters(group: dict[str, Any]) -> None:
     """Validate the shared hyperparameters of a group."""
     if not group["lr"] >= 0:
-        raise ValueError(f"lr must be ≥ 0, got {group['lr']!r}.")
+        raise OptionError(f"lr must be ≥ 0, got {group['lr']!r}.")
     if not 0 <= group["momentum"] < 1:
-        raise ValueError(f"momentum must lie in [0, 1), got {group['momentum']!r}.")
+        raise OptionError(f"momentum must lie in [0, 1), got {group['momentum']!r}.")
     if not group["weight_decay"] >= 0:
-        raise ValueError(f"weight_decay must be ≥ 0, got {group['weight_decay']!r}.")
+        raise OptionError(f"weight_decay must be ≥ 0, got {group['weight_decay']!r}.")
     if group["kl_clip"] is not None and not group["kl_clip"] > 0:
-        raise ValueError(f"kl_clip must be > 0 or None, got {group['kl_clip']!r}.")
+        raise OptionError(f"kl_clip must be > 0 or None, got {group['kl_clip']!r}.")
     check_damping(group["damping"], allow_zero=False)

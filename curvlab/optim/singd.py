@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from curvlab.capture import Capture
 from curvlab.curvature.factors import grad_factor, input_factor
+from curvlab.errors import OptionError
 from curvlab.layers import LayerKind
 from curvlab.numerics import check_choice
 from curvlab.optim.base import GLOBAL, CurvatureOptimizer
@@ -131,9 +132,9 @@ class SINGD(CurvatureOptimizer):
     ):
         check_choice("update_rule", update_rule, UPDATE_RULES)
         if int(update_every) != update_every or update_every < 1:
-            raise ValueError(f"update_every must be an integer ≥ 1, got {update_every!r}.")
+            raise OptionError(f"update_every must be an integer ≥ 1, got {update_every!r}.")
         if not preconditioner_lr > 0 or not 0 <= riemannian_momentum < 1:
-            raise ValueError(
+            raise OptionError(
                 "preconditioner_lr must be > 0 and riemannian_momentum in [0, 1), got "
                 f"{preconditioner_lr!r} and {riemannian_momentum!r}."
             )

@@ -37,6 +37,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from curvlab.errors import OptionError, ShapeError
+
 Parts = tuple[Tensor, ...]
 Device = torch.device | str
 
@@ -58,7 +60,7 @@ class Structure(ABC):
     def project(self, x: Tensor) -> StructuredMatrix:
         """``Π̂(X)`` for a symmetric ``X (d, d)`` (module docstring)."""
         if x.dim() != 2 or x.shape[0] != x.shape[1]:
-            raise ValueError(f"project needs a square matrix, got shape {tuple(x.shape)}.")
+            raise ShapeError(f"project needs a square matrix, got shape {tuple(x.shape)}.")
         return StructuredMatrix(self, x.shape[0], self._project(x))
 
     def pattern(self, dim: int) -> Tensor:
@@ -158,7 +160,7 @@ class StructuredMatrix:
 
     def _check(self, other: StructuredMatrix) -> None:
         if other.structure != self.structure or other.dim != self.dim:
-            raise ValueError(
+            raise OptionError(
                 f"cannot combine a {self.dim}-dim {self.structure} with a "
                 f"{other.dim}-dim {other.structure}."
             )
@@ -231,7 +233,7 @@ class BlockDiagonal(Structure):
 
     def __post_init__(self) -> None:
         if int(self.block_size) != self.block_size or self.block_size < 1:
-            raise ValueError(f"block_size must be an integer ≥ 1, got {self.block_size!r}.")
+            raise OptionError(f"block_size must be an integer ≥ 1, got {self.block_size!r}.")
 
     def _split(self, dim: int) -> tuple[int, int]:
         """``(number of full blocks, rows they cover)``."""
@@ -290,7 +292,7 @@ class Hierarchical(Structure):
     def __post_init__(self) -> None:
         for k in (self.k1, self.k2):
             if int(k) != k or k < 0:
-                raise ValueError(f"k1 and k2 must be integers ≥ 0, got {self.k1!r}, {self.k2!r}.")
+                raise OptionError(f"k1 and k2 must be integers ≥ 0, got {self.k1!r}, {self.k2!r}.")
 
     def _sizes(self, dim: int) -> tuple[int, int, int]:
         """``(k1, m, k2)`` for dimension ``dim``."""
@@ -367,7 +369,7 @@ def as_structure(spec: str | Structure) -> Structure:
     if isinstance(spec, Structure):
         return spec
     if spec not in NAMED:
-        raise ValueError(
+        raise OptionError(
             f"structure {spec!r} is unknown; choose one of {', '.join(NAMED)} or pass a "
             "Structure (e.g. BlockDiagonal(block_size=8), Hierarchical(k1=8, k2=4))."
         )

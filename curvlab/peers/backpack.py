@@ -24,6 +24,7 @@ from curvlab.capture import Capture
 from curvlab.curvature.base import LayerwiseCurvature
 from curvlab.curvature.factors import LayerFactors
 from curvlab.curvature.kfac import KFACBlock
+from curvlab.errors import OptionError
 from curvlab.layers import find_layers
 from curvlab.numerics import SOLVE_DTYPE, compute_dtype
 
@@ -56,7 +57,7 @@ def backpack_kron_factors(
     from backpack import extensions
 
     if kind not in KRON_KINDS:
-        raise ValueError(f"kind={kind!r} is unknown; choose one of {', '.join(KRON_KINDS)}.")
+        raise OptionError(f"kind={kind!r} is unknown; choose one of {', '.join(KRON_KINDS)}.")
     ext = {"kflr": extensions.KFLR, "kfra": extensions.KFRA, "kfac": extensions.KFAC}[kind]()
     out = {}
     for name, module in _run(model, loss_fn, inputs, targets, ext).items():

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from curvlab.errors import DataError
 from curvlab.plots.select import Records, reduce, select
 from curvlab.plots.style import (
     LINESTYLES,
@@ -52,7 +53,7 @@ def plot_damping_sweep(
     rows = select(records, "damping", caller, metrics=metrics, layer=layer, reference=reference)
     rows = rows[rows["damping"] > 0]
     if rows.empty:
-        raise ValueError(f"{caller}: no 'damping' record has a positive damping value")
+        raise DataError(f"{caller}: no 'damping' record has a positive damping value")
     table = reduce(rows, ["method", "metric", "damping"], caller)
     metric_names = list(dict.fromkeys(table["metric"]))
     methods = method_order(table["method"])

@@ -7,6 +7,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from curvlab.errors import DataError
 from curvlab.plots.select import Records, reduce, select
 from curvlab.plots.style import (
     LINE_COLORS,
@@ -55,7 +56,7 @@ def plot_kfc_checks(
     correlations = rows[rows["metric"].isin(CORRELATION_METRICS)].dropna(subset=["index"])
     panels = int(not errors.empty) + int(not correlations.empty)
     if panels == 0:
-        raise ValueError(f"{caller}: the correlation records have no offset (index)")
+        raise DataError(f"{caller}: the correlation records have no offset (index)")
     fig, axes = new_figure(1, panels, width="two" if panels == 2 else "one")
     column = 0
     if not errors.empty:

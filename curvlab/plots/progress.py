@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from curvlab.errors import OptionError
 from curvlab.plots.select import Records, reduce, select
 from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
 
@@ -37,7 +38,7 @@ def plot_progress(
     )
     found = list(dict.fromkeys(rows["metric"]))
     if len(found) > 1:
-        raise ValueError(
+        raise OptionError(
             f"{caller}: the 'progress' records hold several metrics "
             f"({', '.join(map(repr, found))}); pass metric=... to plot one"
         )

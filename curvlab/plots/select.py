@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from curvlab.errors import DataError, OptionError
 from curvlab.records import NETWORK, Record, to_dataframe
 
 Records = Iterable[Record] | pd.DataFrame
@@ -35,10 +36,10 @@ def frame(records: Records, caller: str) -> pd.DataFrame:
             raise TypeError(f"{caller}: expected Record objects or a DataFrame, got {wrong[0]}")
         df = to_dataframe(records)
     if df.empty:
-        raise ValueError(f"{caller}: no records to plot")
+        raise DataError(f"{caller}: no records to plot")
     missing = [c for c in ("section", "metric", "method", "value") if c not in df.columns]
     if missing:
-        raise ValueError(f"{caller}: the records lack the column(s) {', '.join(missing)}")
+        raise DataError(f"{caller}: the records lack the column(s) {', '.join(missing)}")
     for column in _COLUMNS:
         if column not in df.columns:
             df[column] = NETWORK if column == "layer" else None
@@ -71,14 +72,14 @@ def select(
     df = frame(records, caller)
     rows = df[df["section"] == section]
     if rows.empty:
-        raise ValueError(
+        raise OptionError(
             f"{caller}: no records of section '{section}' (the records have sections "
             f"{_choices(df['section'])})"
         )
     if metrics is not None:
         kept = rows[rows["metric"].isin(metrics)]
         if kept.empty:
-            raise ValueError(
+            raise OptionError(
                 f"{caller}: no '{section}' records with metric {' or '.join(map(repr, metrics))}"
                 f" (found {_choices(rows['metric'])})"
             )
@@ -87,7 +88,7 @@ def select(
         if wanted is not None:
             kept = rows[rows[column] == wanted]
             if kept.empty:
-                raise ValueError(
+                raise OptionError(
                     f"{caller}: no '{section}' records with {column}={wanted!r} "
                     f"(found {_choices(rows[column]) or 'none'})"
                 )
@@ -95,7 +96,7 @@ def select(
     if damping is not None:
         kept = rows[np.isclose(rows["damping"].astype(float), damping)]
         if kept.empty:
-            raise ValueError(
+            raise OptionError(
                 f"{caller}: no '{section}' records with damping={damping!r} "
                 f"(found {_choices(rows['damping']) or 'none'})"
             )
@@ -115,7 +116,7 @@ def reduce(rows: pd.DataFrame, keys: Sequence[str], caller: str) -> pd.DataFrame
             continue
         counts = groups[column].nunique(dropna=True)
         if (counts > 1).any():
-            raise ValueError(
+            raise OptionError(
                 f"{caller}: the records mix several {column} values "
                 f"({_choices(rows[column])}); pass {column}=... to plot one"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from curvlab.errors import DataError, OptionError
 from curvlab.plots.select import Records, select
 from curvlab.plots.style import (
     coincidence_label,
@@ -45,11 +46,11 @@ def plot_spectra(
     """
     caller = "plot_spectra"
     if kind not in KINDS:
-        raise ValueError(f"{caller}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise OptionError(f"{caller}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     rows = select(records, "spectrum", caller, metrics=["eigenvalue"], layer=layer)
     indexed = rows.dropna(subset=["index"])
     if indexed.duplicated(["method", "index"]).any():
-        raise ValueError(
+        raise DataError(
             f"{caller}: some method has several eigenvalues at one index (several spectra); "
             "filter the records to one spectrum per method"
         )
@@ -58,7 +59,7 @@ def plot_spectra(
         values = rows.loc[rows["method"] == method, "value"].to_numpy(dtype=float)
         spectra[method] = np.sort(values[values > 0])[::-1]
     if not any(len(s) for s in spectra.values()):
-        raise ValueError(f"{caller}: no positive eigenvalue to show on a log axis")
+        raise DataError(f"{caller}: no positive eigenvalue to show on a log axis")
     fig, axes = new_figure()
     ax = axes[0, 0]
     positive = np.concatenate([s for s in spectra.values() if len(s)])

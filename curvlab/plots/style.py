@@ -26,6 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from curvlab.errors import OptionError
+
 ONE_COLUMN = 3.25
 """Width in inches of one column of a two-column paper."""
 
@@ -169,7 +171,7 @@ def column_width(width: str | float) -> float:
         return TWO_COLUMN
     if isinstance(width, (int, float)) and width > 0:
         return float(width)
-    raise ValueError(f"width must be 'one', 'two' or inches > 0, got {width!r}")
+    raise OptionError(f"width must be 'one', 'two' or inches > 0, got {width!r}")
 
 
 @contextmanager
@@ -242,7 +244,7 @@ def figure_bytes(fig: Figure, fmt: str, dpi: float | None = None) -> bytes:
     paper style's resolution and a tight bounding box."""
     supported = FigureCanvasAgg.get_supported_filetypes()
     if fmt not in supported:
-        raise ValueError(f"unknown figure format '{fmt}'; choose from {', '.join(supported)}")
+        raise OptionError(f"unknown figure format '{fmt}'; choose from {', '.join(supported)}")
     buffer = io.BytesIO()
     with paper_style():
         fig.savefig(buffer, format=fmt, dpi=dpi or STYLE["savefig.dpi"], bbox_inches="tight")

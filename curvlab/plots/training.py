@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
+from curvlab.errors import DataError
 from curvlab.plots.select import Records, reduce, select
 from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
 
@@ -27,7 +28,7 @@ def plot_training(
     rows = select(records, section, caller, metrics=[metric], damping=damping)
     rows = rows.dropna(subset=["index"])
     if rows.empty:
-        raise ValueError(f"{caller}: no '{metric}' record has a step (index)")
+        raise DataError(f"{caller}: no '{metric}' record has a step (index)")
     table = reduce(rows, ["method", "index"], caller)
     fig, axes = new_figure()
     ax = axes[0, 0]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from curvlab.errors import DataError
 from curvlab.records import Record, from_dict, to_dataframe
 
 RESULTS_FORMAT = "curvlab-results"
@@ -138,11 +139,11 @@ def read_payload(path: Path) -> dict[str, Any]:
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        raise DataError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != RESULTS_FORMAT:
-        raise ValueError(f"{path} is not a curvlab results file")
+        raise DataError(f"{path} is not a curvlab results file")
     if payload.get("version", 0) > RESULTS_VERSION:
-        raise ValueError(
+        raise DataError(
             f"{path} has results format version {payload['version']}; this curvlab reads "
             f"up to {RESULTS_VERSION}. Upgrade curvlab."
         )

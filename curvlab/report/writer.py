@@ -23,6 +23,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from curvlab.errors import OptionError
 from curvlab.plots.style import figure_bytes
 from curvlab.records import Record
 from curvlab.report.html_report import render_html
@@ -100,7 +101,7 @@ def _check_inputs(records: list[Record], figures: dict[str, Figure], formats: li
         raise TypeError(f"records must be curvlab Record objects, got {type(wrong).__name__}")
     for name, fig in figures.items():
         if not _FIGURE_NAME.fullmatch(name):
-            raise ValueError(
+            raise OptionError(
                 f"figure name {name!r} must start with a letter or digit and hold only "
                 "letters, digits, '_', '.' and '-'"
             )
@@ -109,7 +110,7 @@ def _check_inputs(records: list[Record], figures: dict[str, Figure], formats: li
     supported = FigureCanvasAgg.get_supported_filetypes()
     unknown = [fmt for fmt in formats if fmt not in supported]
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"unknown figure format {unknown[0]!r}; choose from {', '.join(supported)}"
         )
 
