@@ -14,9 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.errors import OptionError, ShapeError, UnsupportedModelError
+from curvlab.independence import sample_coupling
 from curvlab.layers import LayerKind, find_layers
 from curvlab.losses import FISHER_TYPES, check_loss, check_targets, fisher_columns, loss_scales
 from curvlab.numerics import check_finite, check_vector
+from curvlab.parameter_uses import ForwardWatch
 
 
 @dataclass
@@ -77,6 +79,10 @@ class Capture:
         empirical_ratio: ``r = s·√c`` for every Fisher type: the empirical Fisher's
             column of sample ``n`` is its gradient rows ``g_n / r`` (``None`` where a
             capture was assembled without it).
+        coupling: Why the forward pass does not treat the samples independently
+            (:func:`curvlab.independence.sample_coupling`), or ``None`` when it does.
+            The exact objects and the comparison refuse captures with a coupling;
+            Kronecker factors do not need independence.
     """
 
     layers: list[LayerCapture]
@@ -90,6 +96,7 @@ class Capture:
     grad_ratio: float | None = None
     grad_stamp: tuple[int, int] | None = None
     empirical_ratio: float | None = None
+    coupling: str | None = None
 
     def is_own_gradient(self, v: Tensor) -> bool:
         """Whether ``v`` is this capture's ``grad`` itself (the same tensor, unmodified
@@ -180,6 +187,12 @@ def capture(
     The model runs in the mode it is in: in ``train()`` mode its forward pass updates
     BatchNorm running statistics once, as one training forward would; call
     ``model.eval()`` first for a diagnostic that must leave the model untouched.
+
+    Checked on every capture (:mod:`curvlab.parameter_uses`, :mod:`curvlab.independence`):
+    each layer's input is batch-first and each captured parameter reaches the loss only
+    through its module (else :class:`~curvlab.errors.UnsupportedModelError`), and whether
+    the forward pass keeps samples independent (``Capture.coupling``; BatchNorm with batch
+    statistics or any module mixing the batch, found by a small probe forward pass).
     """
     if fisher not in FISHER_TYPES:
         raise OptionError(f"fisher={fisher!r} is unknown; choose one of {', '.join(FISHER_TYPES)}.")
@@ -198,7 +211,7 @@ def capture(
     saved: dict[str, tuple[Tensor, Tensor]] = {}
     handles = [info.module.register_forward_hook(_recorder(info, saved)) for info in layers]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), ForwardWatch(layers) as watch:
             output = model(inputs)
     finally:
         for h in handles:
@@ -211,13 +224,14 @@ def capture(
         )
     if not isinstance(output, Tensor):
         raise ShapeError("the model must return a single tensor of shape (N, C).")
+    watch.check(model, output, inputs.shape[0])
     check_targets(loss_fn, output, targets)
     check_finite(output, "model output", "Check the inputs and the parameters.")
 
     loss = loss_fn(output, targets)
     (grad_output,) = torch.autograd.grad(loss, output, retain_graph=True)
     f = output.detach()
-    cols = fisher_columns(loss_fn, f, grad_output.detach(), fisher, mc_samples, generator)
+    cols = fisher_columns(loss_fn, f, grad_output.detach(), fisher, mc_samples, generator, targets)
     scale, c = loss_scales(loss_fn, f)
     # One batched backward: the gradient column first, then the C' Fisher columns.
     # The empirical column is the gradient column over s·√c: backpropagate it once.
@@ -254,6 +268,7 @@ def capture(
         grad_ratio=scale * math.sqrt(c) if empirical else None,
         grad_stamp=None if grad is None else (grad.data_ptr(), grad._version),
         empirical_ratio=scale * math.sqrt(c),
+        coupling=sample_coupling(model, inputs, f, layers),
     )
 
 

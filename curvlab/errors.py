@@ -37,3 +37,8 @@ class OptionError(CurvlabError, ValueError):
 
 class DataError(CurvlabError, ValueError):
     """Records, results files or datasets that do not hold what the caller needs."""
+
+
+class SampleCouplingError(CurvlabError, ValueError):
+    """Samples that the forward pass couples (batch statistics, modules mixing the batch)
+    or a random forward pass, where a computation needs independent, repeatable samples."""

@@ -15,6 +15,12 @@ with the *columns* ``g_nc`` (shape ``(C', N, C)``):
   predictive distribution (categorical, Bernoulli, Gaussian with variance 1/2);
 * ``empirical``: ``√c ∇_f ℓ_n = ∇_f ℓ̃_n / √c`` at the data labels (so that the
   empirical Fisher matches the GGN's scale, as curvlinops' ``EFLinearOperator``).
+
+CrossEntropyLoss with probability targets ``y_n`` is ``ℓ_n = −Σ_k y_nk log p_nk``, whose
+Hessian is ``m_n (diag p_n − p_n p_nᵀ)`` with the row mass ``m_n = Σ_k y_nk``: rows that do
+not sum to one scale their sample's curvature.  The ``exact`` and ``mc`` columns carry
+the factor ``√m_n`` (:func:`target_mass`); rows with negative mass (a concave loss) are
+refused.
 """
 
 from __future__ import annotations
@@ -31,11 +37,27 @@ SUPPORTED_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 
 def check_loss(loss_fn: nn.Module) -> None:
-    """Refuse losses (or loss options) whose Hessian curvlab does not model."""
+    """Refuse losses (or loss options) whose Hessian curvlab does not model.
+
+    Subclasses of the supported losses are accepted only when they keep the parent's
+    computation: no override of ``forward`` and no forward hooks on the instance.
+    """
     if not isinstance(loss_fn, SUPPORTED_LOSSES):
         raise UnsupportedModelError(
             f"loss {type(loss_fn).__name__} is not supported; use nn.CrossEntropyLoss, "
             "nn.MSELoss or nn.BCEWithLogitsLoss."
+        )
+    base = next(b for b in SUPPORTED_LOSSES if isinstance(loss_fn, b))
+    if type(loss_fn).forward is not base.forward:
+        raise UnsupportedModelError(
+            f"loss {type(loss_fn).__name__} overrides {base.__name__}.forward; curvlab models "
+            f"the Hessian of {base.__name__} itself and would silently read a different "
+            f"loss. Use {base.__name__} (scale the result, not the loss, if needed)."
+        )
+    if loss_fn._forward_hooks or loss_fn._forward_pre_hooks:
+        raise UnsupportedModelError(
+            f"loss {type(loss_fn).__name__} has forward hooks, which may change its value; "
+            "curvlab models the plain loss. Remove the hooks."
         )
     if loss_fn.reduction not in ("mean", "sum"):
         raise UnsupportedModelError(
@@ -83,6 +105,25 @@ def check_targets(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> None:
         )
 
 
+def target_mass(loss_fn: nn.Module, targets: Tensor) -> Tensor | None:
+    """Row masses ``m_n = Σ_k y_nk`` ``(N,)`` of CrossEntropyLoss probability targets (the
+    factor of each sample's loss Hessian), or ``None`` for every other loss or target.
+
+    Raises:
+        ShapeError: a row with negative mass (its loss Hessian is negative definite).
+    """
+    if not isinstance(loss_fn, nn.CrossEntropyLoss) or not targets.dtype.is_floating_point:
+        return None
+    mass = targets.sum(dim=-1)
+    if (mass < 0).any():
+        rows = (mass < 0).nonzero().flatten()[:5].tolist()
+        raise ShapeError(
+            f"CrossEntropyLoss probability targets have rows with a negative sum (rows "
+            f"{rows}); their loss is concave and has no Fisher. Use non-negative targets."
+        )
+    return mass
+
+
 def loss_scales(loss_fn: nn.Module, output: Tensor) -> tuple[float, float]:
     """``(s, c)`` of the module docstring for outputs of shape ``(N, C)``."""
     n, c_out = output.shape
@@ -99,6 +140,7 @@ def fisher_columns(
     fisher: str,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    targets: Tensor | None = None,
 ) -> Tensor:
     """The columns ``g_nc`` of shape ``(C', N, C)`` (module docstring).
 
@@ -109,13 +151,20 @@ def fisher_columns(
         fisher: ``"mc"``, ``"exact"`` or ``"empirical"``.
         mc_samples: Number of sampled labels per input for ``mc``.
         generator: Random generator for ``mc`` (its device is used for sampling).
+        targets: The data targets; CrossEntropyLoss probability targets scale the
+            ``exact`` and ``mc`` columns by ``√m_n`` (:func:`target_mass`).
     """
     s, c = loss_scales(loss_fn, output)
     if fisher == "empirical":
         return (grad_output / (s * math.sqrt(c))).unsqueeze(0)
     if fisher == "exact":
-        return _hessian_sqrt_columns(loss_fn, output, c)
-    return _mc_columns(loss_fn, output, c, mc_samples, generator)
+        cols = _hessian_sqrt_columns(loss_fn, output, c)
+    else:
+        cols = _mc_columns(loss_fn, output, c, mc_samples, generator)
+    mass = None if targets is None else target_mass(loss_fn, targets)
+    if mass is not None:
+        cols = cols * mass.sqrt().to(cols.dtype).view(1, -1, 1)
+    return cols
 
 
 def _hessian_sqrt_columns(loss_fn: nn.Module, f: Tensor, c: float) -> Tensor:

@@ -42,6 +42,7 @@ from curvlab.compare.cosine import cosine_records
 from curvlab.compare.progress import progress_records
 from curvlab.compare.run import DEFAULT_LRS
 from curvlab.errors import NonFiniteError, OptionError, SingularMatrixError
+from curvlab.independence import evaluation_mode
 from curvlab.methods import TRAIN_METHODS, check_methods, check_train_methods
 from curvlab.records import NETWORK, Record
 
@@ -132,7 +133,15 @@ class Diagnostics:
     def records(
         self, model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, step: int
     ) -> list[Record]:
-        """Section ``"trajectory"`` records at ``step`` for the current parameters."""
+        """Section ``"trajectory"`` records at ``step`` for the current parameters,
+        computed in eval mode (no dropout masks, BatchNorm running statistics; every
+        module's mode restored after), so that every loss evaluation is repeatable."""
+        with evaluation_mode(model):
+            return self._records(model, loss_fn, inputs, targets, step)
+
+    def _records(
+        self, model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor, step: int
+    ) -> list[Record]:
         analysis = Analysis(model, loss_fn, inputs, targets, fisher=self.fisher)
         others = [m for m in self.methods if m != "exact"]
         found = cosine_records(
@@ -167,9 +176,11 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: nn.Module, data: tuple[Tensor, Tensor]) -> dict:
-    """Loss (with ``loss_fn``) and classification accuracy (argmax) on ``data``."""
+    """Loss (with ``loss_fn``) and classification accuracy (argmax) on ``data``, in eval
+    mode (every module's mode restored after)."""
     inputs, targets = data
-    out = model(inputs)
+    with evaluation_mode(model):
+        out = model(inputs)
     result = {"loss": float(loss_fn(out, targets))}
     if targets.dim() == 1 and not targets.dtype.is_floating_point:
         result["accuracy"] = float((out.argmax(dim=1) == targets).float().mean())

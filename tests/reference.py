@@ -513,3 +513,11 @@ def assert_close_all(errs: dict[str, float], rtol: float, what: str = "") -> Non
     """Fail listing every member whose relative error exceeds ``rtol``."""
     bad = {k: f"{v:.2e}" for k, v in errs.items() if not v <= rtol}
     assert not bad, f"{what}: relative errors above {rtol:g}: {bad}"
+
+
+def assert_capture_grad(capt, model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> None:
+    """``Capture.grad`` equals ``torch.autograd.grad`` of the loss (float64, ≤ 1e-8)."""
+    params = list(trainable_params(model).values())
+    expect = flatten(torch.autograd.grad(loss_fn(model(X), y), params))
+    err = rel_err(capt.grad, expect)
+    assert err <= 1e-8, f"Capture.grad is off by {err:.1e} relative to autograd"

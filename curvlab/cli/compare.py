@@ -406,7 +406,8 @@ def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
     pool = load_pool(config)
     inputs, targets, _, _ = load_batch(config, pool)
     problems: dict[str, dict[str, Any]] = {spec: {} for spec in config["models"]}
-    models = [(spec, trained_model(spec, config, pool, problems[spec])) for spec in problems]
+    # diagnostics of the network as it predicts: running statistics, no dropout
+    models = [(spec, trained_model(spec, config, pool, problems[spec]).eval()) for spec in problems]
     records: list[Record] = []
     for spec, model in tqdm(models, desc="models", disable=not progress or len(models) == 1):
         loss_fn = nn.CrossEntropyLoss()

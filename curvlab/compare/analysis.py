@@ -7,6 +7,10 @@ comparison captures (forward and batched backward) exactly once; beyond that onl
 the progress section evaluates the loss at shifted parameters (forward passes without
 autograd, on cloned buffers).
 
+The model must keep its samples independent and its forward pass repeatable: train-mode
+BatchNorm (or any module mixing the batch) and train-mode Dropout are refused with
+:class:`~curvlab.errors.SampleCouplingError`; call ``model.eval()`` first.
+
 Per-layer exact blocks come from one cached :class:`~curvlab.BlockDiagFisher`, so
 each layer's Gram matrix is assembled once however many metrics use it.
 """
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 from curvlab.capture import Capture, capture
 from curvlab.compare.methods import METHODS
 from curvlab.curvature import BlockDiagFisher, Curvature, ExactFisher
+from curvlab.independence import require_deterministic, require_independent
 from curvlab.records import NETWORK
 
 
@@ -50,9 +55,11 @@ class Analysis:
         generator: torch.Generator | None = None,
     ):
         self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
+        require_deterministic(model, "the comparison")
         self.capture: Capture = capture(
             model, loss_fn, inputs, targets, fisher, mc_samples, generator
         )
+        require_independent(self.capture.coupling, "the comparison")
         self.layer_names = [lc.name for lc in self.capture.layers]
         self._curvatures: dict[str, Curvature | None] = {}
         self._directions: dict[tuple[str, float], Tensor] = {}

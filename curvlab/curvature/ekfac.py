@@ -19,6 +19,7 @@ from curvlab.curvature.columns import eigenbasis_second_moment
 from curvlab.curvature.eigen_block import EigenBlock
 from curvlab.curvature.exact import GramFisher
 from curvlab.curvature.factors import LayerFactors
+from curvlab.independence import require_independent
 from curvlab.numerics import compute_dtype
 
 __all__ = ["EKFAC", "eigenbasis_second_moment"]
@@ -28,6 +29,9 @@ class EKFAC(LayerwiseCurvature):
     """Eigenvalue-corrected KFAC; one :class:`EigenBlock` per layer."""
 
     def __init__(self, capture: Capture):
+        require_independent(
+            capture.coupling, "EKFAC (its eigenvalues are exact per-sample moments)"
+        )
         dtype = compute_dtype(capture.dtype)
         blocks: dict[str, Curvature] = {}
         for lc in capture.layers:

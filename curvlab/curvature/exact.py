@@ -38,6 +38,7 @@ from curvlab.curvature.base import (
 )
 from curvlab.curvature.gram import layer_gram, layer_gram_and_cross, per_sample_gradients
 from curvlab.errors import MemoryBudgetError, OptionError, SingularMatrixError
+from curvlab.independence import require_independent
 from curvlab.numerics import (
     SOLVE_DTYPE,
     check_damping,
@@ -377,6 +378,7 @@ class ExactFisher(GramFisher):
     """
 
     def __init__(self, capture: Capture, memory_budget: int | None = None, scheme: str = "auto"):
+        require_independent(capture.coupling, type(self).__name__)
         super().__init__(capture, None, memory_budget, scheme)
 
 
@@ -387,6 +389,7 @@ class BlockDiagFisher(LayerwiseCurvature):
     """
 
     def __init__(self, capture: Capture, memory_budget: int | None = None, scheme: str = "auto"):
+        require_independent(capture.coupling, "BlockDiagFisher")
         super().__init__(
             {lc.name: GramFisher(capture, [lc], memory_budget, scheme) for lc in capture.layers}
         )
