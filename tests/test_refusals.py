@@ -13,6 +13,7 @@ from conftest import RTOL
 from torch import Tensor, nn
 
 import curvlab
+from curvlab.compare.step_progress import step_progress
 from curvlab.errors import SampleCouplingError, ShapeError, UnsupportedModelError
 from curvlab.independence import batch_statistics_modules, evaluation_mode
 from curvlab.optim import KFAC, NaturalGradient
@@ -342,3 +343,10 @@ def test_train_diagnostics_and_evaluation_run_in_eval_mode():
     with evaluation_mode(model):
         assert not any(m.training for m in model.modules())
     assert all(m.training for m in model.modules())
+
+
+def test_step_progress_refuses_train_mode_dropout():
+    X, y = _data()
+    opt = KFAC(_dropout_model(), nn.CrossEntropyLoss(), lr=0.1, damping=1e-2)
+    with pytest.raises(SampleCouplingError, match="step_progress.*Dropout"):
+        step_progress(opt, [(X, y)])

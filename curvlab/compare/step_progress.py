@@ -34,6 +34,8 @@ from torch import Tensor
 
 from curvlab.compare.progress import shifted_loss
 from curvlab.curvature.foof import FOOFBlock
+from curvlab.errors import OptionError
+from curvlab.independence import require_deterministic
 from curvlab.optim.kfac import KFAC
 from curvlab.records import Record
 
@@ -59,12 +61,17 @@ def step_progress(
     Returns:
         The records of the module docstring, ``"kfac"`` first at each checkpoint; the
         unmeasured steps are taken as well.
+
+    Raises:
+        SampleCouplingError: Dropout in ``train()`` mode (each loss evaluation would draw
+            new masks); call ``model.eval()`` or train without dropout.
     """
     if int(every) != every or every < 1:
-        raise ValueError(f"every must be a positive integer, got {every!r}")
+        raise OptionError(f"every must be a positive integer, got {every!r}")
     unknown = [m for m in methods if m not in STEP_METHODS]
     if unknown:
-        raise ValueError(f"unknown method '{unknown[0]}'; choose from {', '.join(STEP_METHODS)}")
+        raise OptionError(f"unknown method '{unknown[0]}'; choose from {', '.join(STEP_METHODS)}")
+    require_deterministic(optimizer.model, "step_progress")
     records: list[Record] = []
     for k, (inputs, targets) in enumerate(batches):
         if k % every:

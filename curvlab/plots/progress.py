@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from curvlab.errors import OptionError
+from curvlab.errors import DataError, OptionError
 from curvlab.plots.select import Records, reduce, select
 from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
 
@@ -68,12 +68,12 @@ def plot_step_progress(records: Records, *, reference: str = "kfac") -> Figure:
     rows = select(records, "step_progress", caller, metrics=["relative_loss_decrease"])
     rows = rows.dropna(subset=["index"])
     if rows.empty:
-        raise ValueError(f"{caller}: no 'relative_loss_decrease' record has a step (index)")
+        raise DataError(f"{caller}: no 'relative_loss_decrease' record has a step (index)")
     table = reduce(rows, ["method", "index"], caller).pivot(
         index="index", columns="method", values="value"
     )
     if reference not in table:
-        raise ValueError(f"{caller}: no records of the reference method '{reference}'")
+        raise OptionError(f"{caller}: no records of the reference method '{reference}'")
     fig, axes = new_figure(1, 2, width="two", height=2.4)
     left, right = axes[0]
     methods = method_order(table.columns)
