@@ -268,7 +268,7 @@ def capture(
         grad_ratio=scale * math.sqrt(c) if empirical else None,
         grad_stamp=None if grad is None else (grad.data_ptr(), grad._version),
         empirical_ratio=scale * math.sqrt(c),
-        coupling=sample_coupling(model, inputs, f, layers),
+        coupling=sample_coupling(model, inputs, f, watch.ambiguous),
     )
 
 

@@ -44,20 +44,23 @@ EVAL_HINT = "Call model.eval() first (running statistics, no dropout)."
 
 def batch_statistics_modules(model: nn.Module) -> list[str]:
     """Names of the BatchNorm modules that normalise with the statistics of the batch."""
-    return [
-        name or "<root>"
-        for name, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
-    ]
+    return _scan(model)[0]
 
 
 def random_modules(model: nn.Module) -> list[str]:
     """Names of the Dropout modules that draw random masks (``train()`` mode, ``p > 0``)."""
-    return [
-        name or "<root>"
-        for name, m in model.named_modules()
-        if isinstance(m, _DropoutNd) and m.training and m.p > 0
-    ]
+    return [name for name, _ in _scan(model)[1]]
+
+
+def _scan(model: nn.Module) -> tuple[list[str], list[tuple[str, nn.Module]]]:
+    """One pass over the modules: batch-statistics BatchNorm names, active Dropouts."""
+    batch_stats, drops = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None):
+            batch_stats.append(name or "<root>")
+        elif isinstance(m, _DropoutNd) and m.training and m.p > 0:
+            drops.append((name or "<root>", m))
+    return batch_stats, drops
 
 
 def require_independent(coupling: str | None, what: str) -> None:
@@ -104,12 +107,14 @@ def sample_coupling(
         model: The network, in the mode of the capture.
         inputs: The batch ``(N, ...)``.
         output: The model's detached output on ``inputs`` ``(N, ...)``.
-        layers: The captured layers' kinds, whose inputs must be batch-first.
+        layers: The captured layers whose inputs must be checked to follow the batch (those
+            with the batch size in more than one dimension; the others were checked by
+            capture).
 
     Raises:
         UnsupportedModelError: a captured layer's input does not follow the probe's batch.
     """
-    names = batch_statistics_modules(model)
+    names, drops = _scan(model)
     if names:
         return (
             f"module(s) {', '.join(repr(n) for n in names)} normalise with batch "
@@ -120,11 +125,13 @@ def sample_coupling(
     if n < 2:
         return None
     try:
-        if random_modules(model):
+        off = [m for _, m in drops]
+        if off:
             # the batch's output carries one draw of the masks: compare two probes instead
-            small, reference = _probe(model, inputs[:1], layers), _probe(model, inputs[:2], layers)
+            small = _probe(model, inputs[:1], layers, off)
+            reference = _probe(model, inputs[:2], layers, off)
         else:
-            small, reference = _probe(model, inputs[: 2 if n > 2 else 1], layers), output
+            small, reference = _probe(model, inputs[: 2 if n > 2 else 1], layers, off), output
     except UnsupportedModelError:
         raise
     except Exception as err:  # noqa: BLE001 (any failure of the user's forward)
@@ -140,9 +147,9 @@ def sample_coupling(
             "the batch"
         )
     rows = reference[:k].to(small.dtype)
-    scale = rows.abs().max().clamp_min(torch.finfo(small.dtype).tiny)
-    change = float((small - rows).abs().max() / scale)
-    if change > _PROBE_RTOL.get(small.dtype, _DEFAULT_RTOL):
+    diff, scale = torch.stack([(small - rows).abs().max(), rows.abs().max()]).tolist()
+    change = diff / scale if scale > 0 else diff
+    if not change <= _PROBE_RTOL.get(small.dtype, _DEFAULT_RTOL):
         return (
             f"the outputs of the first {k} sample(s) change by {change:.1e} (relative) when "
             f"they are run without the rest of the batch: a module mixes samples (or the "
@@ -151,9 +158,12 @@ def sample_coupling(
     return None
 
 
-def _probe(model: nn.Module, inputs: Tensor, layers: Sequence[LayerKind]) -> Tensor:
-    """``model(inputs)`` without autograd, Dropout off, buffers and RNG state restored;
-    checks that every captured layer's input follows the batch size ``inputs.shape[0]``."""
+def _probe(
+    model: nn.Module, inputs: Tensor, layers: Sequence[LayerKind], drops: Sequence[nn.Module]
+) -> Tensor:
+    """``model(inputs)`` without autograd, the Dropouts ``drops`` off, buffers and RNG
+    state restored; checks that every captured layer's input follows the batch size
+    ``inputs.shape[0]``."""
     m = inputs.shape[0]
     leading: dict[str, int] = {}
 
@@ -166,7 +176,6 @@ def _probe(model: nn.Module, inputs: Tensor, layers: Sequence[LayerKind]) -> Ten
 
     handles = [info.module.register_forward_pre_hook(recorder(info.name)) for info in layers]
     buffers = [(b, b.clone()) for b in model.buffers()]
-    drops = [mod for mod in model.modules() if isinstance(mod, _DropoutNd) and mod.training]
     devices = [inputs.device] if inputs.device.type == "cuda" else []
     try:
         for mod in drops:

@@ -31,7 +31,9 @@ from curvlab.layers import LayerKind
 
 
 class ForwardWatch:
-    """Hooks on the captured modules that note their input and output graph nodes.
+    """Hooks on the captured modules that note their input and output graph nodes, the
+    leading dimension of their input and which inputs have the batch size also in another
+    dimension (``ambiguous``: only a probe with another batch size tells those apart).
 
     Use as a context manager around the capture's forward pass.  Hooks run before any
     other hook of the module (``prepend``), so they see the module's own output.
@@ -45,12 +47,13 @@ class ForwardWatch:
         self.inputs: dict[str, object] = {}
         self.outputs: dict[str, object] = {}
         self.leading: dict[str, int] = {}
+        self.ambiguous: list[LayerKind] = []
         self._handles: list = []
 
     def __enter__(self) -> ForwardWatch:
         for info in self.layers:
             module, name = info.module, info.name
-            self._handles.append(module.register_forward_pre_hook(self._before(name), prepend=True))
+            self._handles.append(module.register_forward_pre_hook(self._before(info), prepend=True))
             self._handles.append(module.register_forward_hook(self._after(name), prepend=True))
         return self
 
@@ -59,12 +62,16 @@ class ForwardWatch:
             h.remove()
         self._handles.clear()
 
-    def _before(self, name: str):
+    def _before(self, info: LayerKind):
+        name = info.name
+
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0] if args else None
             if isinstance(x, Tensor) and name not in self.inputs:
                 self.inputs[name] = x.grad_fn
                 self.leading[name] = x.shape[0] if x.dim() else 0
+                if x.dim() and x.shape[0] in x.shape[1:]:
+                    self.ambiguous.append(info)
 
         return hook
 
