@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from curvlab.plots import (
     plot_cosine_heatmap,
     plot_damping_sweep,
+    plot_error_split,
     plot_kfc_checks,
     plot_layer_errors,
     plot_progress,
@@ -64,6 +65,9 @@ def model_figures(df: pd.DataFrame, headline_damping: float, reference: str) -> 
     errors = df[(df["section"] == "relative_error") & (df["method"] != "exact")]
     if _has(errors, "relative_error", metric="relative_frobenius_error"):
         figs["relative_error"] = plot_layer_errors(errors, logy=True)
+    split = ["eigenbasis_error", "eigenvalue_error"]
+    if _has(df, "relative_error", metric=split, layer=NETWORK):
+        figs["relative_error_split"] = plot_error_split(df)
     if _has(df, "spectrum", metric="eigenvalue", layer=NETWORK):
         figs["spectrum"] = plot_spectra(df, kind="rank")
         figs["spectrum_density"] = plot_spectra(df, kind="density")
