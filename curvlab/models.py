@@ -1,10 +1,11 @@
 """Built-in models by name, and loading a user's model from ``package.module:function``.
 
-Every built-in model is made only of ``nn.Linear`` / ``nn.Conv2d`` layers and
-parameter-free layers (activations, pooling, ``nn.Flatten``), so the whole
-network is supported by the curvature backend.  Fully connected models start
-with ``nn.Flatten`` and accept flat ``(N, d)`` or image ``(N, C, H, W)`` inputs;
-the convolutional ones need image inputs.
+The built-in models are made of ``nn.Linear`` / ``nn.Conv2d`` layers and
+parameter-free layers (activations, pooling, ``nn.Flatten``); ``"resnet"`` adds
+BatchNorm and a depthwise convolution (read by their layer kinds, :mod:`curvlab.layers`)
+and is returned in eval mode.  Fully connected models start with ``nn.Flatten`` and
+accept flat ``(N, d)`` or image ``(N, C, H, W)`` inputs; the convolutional ones need
+image inputs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from curvlab.errors import OptionError
 
-MODELS = ("mlp", "logreg", "cnn", "cnn-max", "cnn-avg", "benzing-mlp", "deep-linear")
+MODELS = ("mlp", "logreg", "cnn", "cnn-max", "cnn-avg", "resnet", "benzing-mlp", "deep-linear")
 """Names accepted by :func:`build_model`."""
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -48,6 +49,10 @@ def build_model(
     * ``"cnn"``: ``Conv(C, 8, 3, pad 1)-ReLU-Pool2-Conv(8, 16, 3, pad 1)-ReLU-Pool2-Flatten-
       Linear(16·⌊H/4⌋·⌊W/4⌋, num_classes)`` [``channels=(8, 16)``, ``pooling="max"`` or
       ``"avg"``, ``activation="relu"``].  ``"cnn-max"`` / ``"cnn-avg"`` fix the pooling.
+    * ``"resnet"``: a small ResNet in eval mode: ``Conv(C, c1, 3)-BN-ReLU``, one residual
+      block ``x + BN(Conv(ReLU(BN(Conv(x)))))`` then ReLU, one depthwise-separable block
+      ``Conv(c1, c1, 3, groups=c1)-BN-ReLU-Conv(c1, c2, 1)-BN-ReLU``, global average
+      pooling, ``Linear(c2, num_classes)``; convs without bias [``channels=(16, 32)``].
     * ``"benzing-mlp"``: ``d -> 1000 -> 1000 -> 1000 -> num_classes`` with ReLU
       (Benzing 2022, ``d = 784`` on MNIST) [``width=1000``, ``depth=3`` hidden layers].
     * ``"deep-linear"``: ``depth`` linear layers ``d -> width -> ... -> num_classes``,
@@ -193,6 +198,50 @@ def _cnn(
     )
 
 
+class ResidualBlock(nn.Module):
+    """``ReLU(x + BN(Conv(ReLU(BN(Conv(x))))))`` with 3x3 convs keeping ``c`` channels."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(h)))
+
+
+def _resnet(
+    shape: tuple[int, ...], num_classes: int, *, channels: Sequence[int] = (16, 32)
+) -> nn.Module:
+    if len(shape) != 3:
+        raise OptionError(
+            f"resnet needs image inputs of shape (C, H, W), got {shape}; "
+            "load the dataset without flattening"
+        )
+    if len(channels) != 2:
+        raise OptionError(f"resnet takes two widths, got channels={tuple(channels)}")
+    c1, c2 = channels
+    model = nn.Sequential(
+        nn.Conv2d(shape[0], c1, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        ResidualBlock(c1),
+        nn.Conv2d(c1, c1, 3, padding=1, groups=c1, bias=False),  # depthwise
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 1, bias=False),  # pointwise
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, num_classes),
+    )
+    return model.eval()
+
+
 def _cnn_fixed(pooling: str) -> Callable[..., nn.Module]:
     """``cnn`` with the pooling fixed (no ``pooling`` option)."""
 
@@ -214,6 +263,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cnn": _cnn,
     "cnn-max": _cnn_fixed("max"),
     "cnn-avg": _cnn_fixed("avg"),
+    "resnet": _resnet,
     "benzing-mlp": _benzing_mlp,
     "deep-linear": _deep_linear,
 }

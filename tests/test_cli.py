@@ -211,6 +211,22 @@ def test_user_model(tmp_path, monkeypatch):
     assert (out / "figures" / "cosine_my_models_cli-make.png").is_file()
 
 
+def test_resnet_model(tmp_path):
+    """The built-in ResNet (eval BatchNorm, depthwise conv) through compare; the summary
+    names the layers that KFAC, EKFAC and FOOF treat exactly."""
+    out = tmp_path / "rep"
+    argv = ["compare", "--model", "resnet", "--batch-size", "8", "--quiet"]
+    argv += ["--methods", "exact,kfac,ekfac,foof", "--damping", "0.1"]
+    argv += ["--sections", "cosine,relative_error,damping"]
+    assert main([*argv, "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["problems"]["resnet"]["exact_layers"][:2] == ["1", "3.bn1"]
+    assert (
+        "exact layer block for the other layers (resnet: 1, 3.bn1"
+        in (out / "report.md").read_text()
+    )
+
+
 def test_help_and_list(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
@@ -221,6 +237,7 @@ def test_help_and_list(capsys):
     assert main(["list"]) == 0
     listing = capsys.readouterr().out
     assert "kfac-standard" in listing and "cnn-avg" in listing and "cifar10" in listing
+    assert "resnet" in listing
     assert main([]) == 2
 
 

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from curvlab.layers import find_layers
-from curvlab.models import MODELS, build_model, kaiming_normal_, load_user_model
+from curvlab.models import MODELS, ResidualBlock, build_model, kaiming_normal_, load_user_model
 
 IMAGE = (1, 8, 8)
 ALLOWED = (
     nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.ReLU, nn.Tanh, nn.Sigmoid,
-    nn.MaxPool2d, nn.AvgPool2d, nn.Flatten,
+    nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.BatchNorm2d, nn.AdaptiveAvgPool2d,
+    ResidualBlock,
 )  # fmt: skip
 
 
@@ -54,6 +55,39 @@ def test_architectures():
     assert cnn(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_resnet_is_in_eval_mode_and_exact():
+    """The built-in ResNet (eval BatchNorm, a residual and a depthwise-separable block):
+    every layer captured, ``Capture.grad`` equals autograd, the exact Fisher's ``mv``
+    equals a dense GGN-vector product from torch.func (float64)."""
+    import curvlab
+
+    model = build_model("resnet", IMAGE, num_classes=4, channels=(4, 6)).double()
+    assert not model.training
+    assert any(m.groups == 4 for m in model.modules() if isinstance(m, nn.Conv2d))
+    X = torch.randn(5, *IMAGE, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(model(X), y), params)])
+    assert torch.linalg.vector_norm(capt.grad - grad) <= 1e-10 * torch.linalg.vector_norm(grad)
+    v = torch.randn(capt.num_params, dtype=torch.float64)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    values = tuple(p.detach() for p in params)
+    sizes = [p.numel() for p in params]
+    tangents = tuple(t.view_as(p) for t, p in zip(v.split(sizes), params))
+
+    def f(*vals):
+        return torch.func.functional_call(model, dict(zip(names, vals)), (X,))
+
+    out, jv = torch.func.jvp(f, values, tangents)
+    h = torch.func.hessian(lambda o: loss_fn(o, y))(out.detach()).reshape(out.numel(), -1)
+    _, vjp = torch.func.vjp(f, *values)
+    ggn_v = torch.cat([g.reshape(-1) for g in vjp((h @ jv.reshape(-1)).view_as(out))])
+    got = curvlab.ExactFisher(capt).mv(v)
+    assert torch.linalg.vector_norm(got - ggn_v) <= 1e-8 * torch.linalg.vector_norm(ggn_v)
+
+
 def test_seed_determines_parameters_and_keeps_global_rng():
     torch.manual_seed(123)
     state = torch.get_rng_state()
@@ -68,7 +102,7 @@ def test_seed_determines_parameters_and_keeps_global_rng():
 
 def test_build_errors():
     with pytest.raises(ValueError, match=", ".join(MODELS)):
-        build_model("resnet", IMAGE, 10)
+        build_model("vgg", IMAGE, 10)
     with pytest.raises(ValueError, match="no option 'depth'.*hidden, activation, bias"):
         build_model("mlp", IMAGE, 10, depth=3)
     with pytest.raises(ValueError, match="no option 'pooling'"):

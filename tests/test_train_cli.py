@@ -86,7 +86,7 @@ def test_second_run_refuses_without_force(report, capsys):
         (["--diagnose", "exact"], "--diagnose 'exact' is not among --methods"),
         (["--diagnose-methods", "kfac,nope"], "unknown method 'nope'"),
         (["--steps", "0"], "--steps must be an integer >= 1"),
-        (["--model", "resnet"], "unknown model 'resnet'"),
+        (["--model", "vgg"], "unknown model 'vgg'"),
     ],
 )
 def test_invalid_options_are_one_line_errors(extra, message, tmp_path, capsys):

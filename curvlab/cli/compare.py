@@ -49,6 +49,7 @@ from curvlab.compare.run import (
 )
 from curvlab.data import BUILTIN_DATASETS, DATASETS, Dataset, load_dataset
 from curvlab.errors import OptionError
+from curvlab.layers import find_layers
 from curvlab.losses import FISHER_TYPES
 from curvlab.models import MODELS
 from curvlab.records import Record
@@ -400,8 +401,9 @@ def trained_model(
 def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
     """Run the comparison of every configured model; records carry ``extra["model"]``.
 
-    Also stores, per model in ``config["problems"]``, the number of trainable parameters
-    and, with ``--pretrain``, the training loss over the first and last steps.
+    Also stores, per model in ``config["problems"]``, the number of trainable parameters,
+    the layers without Kronecker factors (whose exact block KFAC, EKFAC and FOOF use) and,
+    with ``--pretrain``, the training loss over the first and last steps.
     """
     pool = load_pool(config)
     inputs, targets, _, _ = load_batch(config, pool)
@@ -417,6 +419,7 @@ def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
         records += [dataclasses.replace(r, extra={**r.extra, "model": spec}) for r in found]
         problems[spec] = {
             "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "exact_layers": [i.name for i in find_layers(model) if not i.kronecker],
             **problems[spec],
         }
     config["problems"] = problems

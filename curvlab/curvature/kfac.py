@@ -72,8 +72,9 @@ class KFACBlock(EigenBlock):
         return torch.linalg.vector_norm(cross).to(self.dtype)
 
     def damping_excess(self, damping: float) -> Tensor | None:
-        """Heuristic damping: :meth:`cross_terms_norm`; standard damping: ``None``."""
-        if self.damping_mode != "heuristic":
+        """Heuristic damping: :meth:`cross_terms_norm`; standard damping, and layers
+        without Kronecker factors (always damped with ``λI``): ``None``."""
+        if self.damping_mode != "heuristic" or not self.info.kronecker:
             return None
         return self.cross_terms_norm(damping)
 

@@ -190,6 +190,21 @@ def trained_point(config: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _layer_structure(config: Mapping[str, Any]) -> str:
+    """Which layers KFAC, EKFAC and FOOF treat exactly (``config["problems"]``)."""
+    parts = [
+        f"{model}: {', '.join(info['exact_layers'])}"
+        for model, info in config.get("problems", {}).items()
+        if info.get("exact_layers")
+    ]
+    if not parts:
+        return ""
+    return (
+        " KFAC, EKFAC and FOOF use Kronecker factors where a layer kind defines them and the "
+        f"exact layer block for the other layers ({'; '.join(parts)})."
+    )
+
+
 def narrative(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str, str]:
     """Text per section (keys are section names) plus ``"findings"``, which opens the report
     (what was compared, then :func:`~curvlab.report.findings.findings_text`).
@@ -209,6 +224,7 @@ def narrative(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str,
         f"{config.get('batch_size', '?')} examples of '{config.get('data', '?')}' for "
         f"{models}, from a single capture per model, {trained_point(config)}. Every value "
         "is in results.csv and results.json; figures are in figures/ (PNG and PDF)."
+        + _layer_structure(config)
     )
     findings = findings_text(records, config)
     text = {"findings": f"{summary}\n\n{findings}" if findings else summary}
