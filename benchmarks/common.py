@@ -124,11 +124,49 @@ def small_cnn(channels: Sequence[int] = (32, 64), image: int = 28, classes: int 
     )
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv-BN, the identity (or a strided 1x1 conv-BN
+    projection) added, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.shortcut(x) + self.bn2(self.conv2(h)))
+
+
+def resnet_cnn(widths: Sequence[int] = (64, 128, 256, 512), classes: int = 10) -> nn.Module:
+    """A ResNet-18-width CNN for 1x28x28 inputs, in eval mode: stem ``Conv(1, w0, 3)-BN-
+    ReLU``, one basic block per width (stride 2 from the second on), global average
+    pooling, ``Linear(w_last, classes)``."""
+    blocks: list[nn.Module] = [
+        nn.Conv2d(1, widths[0], 3, padding=1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(),
+    ]
+    for i, w in enumerate(widths):
+        blocks.append(BasicBlock(widths[max(i - 1, 0)], w, stride=1 if i == 0 else 2))
+    blocks += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], classes)]
+    return nn.Sequential(*blocks).eval()
+
+
 MODEL_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "mlp": benzing_mlp,
     "cnn": small_cnn,
     "mlp-tiny": lambda: benzing_mlp(width=32, depth=2),
     "cnn-tiny": lambda: small_cnn(channels=(4, 8)),
+    "resnet": resnet_cnn,
+    "resnet-tiny": lambda: resnet_cnn(widths=(4, 8)),
 }
 
 
