@@ -2,7 +2,8 @@
 
 Each notebook runs in a fresh ``python3`` kernel with ``CURVLAB_NOTEBOOK_SMALL=1`` (tiny
 settings, a few seconds to ~40 s each on two cores) in a temporary working directory,
-so nothing is written into the repository.  The kernel is ipykernel's native
+so nothing is written into the repository: the stored notebooks keep the outputs of
+their full-mode run.  The kernel is ipykernel's native
 ``python3`` kernel: jupyter_client starts it with ``sys.executable``, i.e. the
 interpreter running the tests (the project's virtual environment).
 """
@@ -28,14 +29,33 @@ def test_notebooks_exist():
     assert len(NOTEBOOKS) >= 4, f"expected the issue's notebooks in {NOTEBOOK_DIR}"
 
 
-def test_notebooks_saved_without_outputs():
-    """Notebooks are committed without outputs (the repository stays small)."""
-    for path in NOTEBOOKS:
-        nb = nbformat.read(path, as_version=4)
-        with_output = [
-            i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.get("outputs")
-        ]
-        assert not with_output, f"{path.name}: cells {with_output} have outputs; clear them"
+NOT_YET_RERUN = {"03_two_level_kfac"}
+"""Notebooks whose full-mode run is still to be stored (see notebooks/FINDINGS.md)."""
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="full-mode run pending"))
+        if p.stem in NOT_YET_RERUN
+        else p
+        for p in NOTEBOOKS
+    ],
+    ids=[p.stem for p in NOTEBOOKS],
+)
+def test_notebook_stored_with_outputs(path: Path):
+    """Notebooks are stored executed (full mode), so figures and tables show when opened:
+    every code cell ran, in order, without an error, and some cell shows a figure."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert None not in counts, f"{path.name}: cells not executed; run it in full mode"
+    assert counts == sorted(counts), f"{path.name}: cells executed out of order"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"], f"{path.name}: error"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name}: no figure"
+    small = [o for o in outputs if "SMALL=True" in o.get("text", "")]
+    assert not small, f"{path.name}: stored from a small-mode run"
 
 
 @pytest.mark.slow
@@ -48,6 +68,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     )
+    stored = path.read_bytes()
     nb = nbformat.read(path, as_version=4)
     # One extra cell reports the kernel's interpreter: it must be this environment's.
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
@@ -58,6 +79,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
+    assert path.read_bytes() == stored, f"{path.name}: the small-mode run rewrote the stored file"
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs).strip()
     assert printed == sys.prefix, (
         f"the kernel ran in the environment {printed!r}, not in this one ({sys.prefix!r})"
