@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from curvlab.errors import OptionError, ShapeError, UnsupportedModelError
 from curvlab.independence import sample_coupling
 from curvlab.layers import LayerKind, find_layers
-from curvlab.losses import FISHER_TYPES, check_loss, check_targets, fisher_columns, loss_scales
+from curvlab.losses import (
+    FISHER_TYPES,
+    check_column_budget,
+    check_loss,
+    check_targets,
+    fisher_columns,
+    loss_scales,
+    loss_value,
+)
 from curvlab.numerics import check_finite, check_vector
 from curvlab.parameter_uses import ForwardWatch
 
@@ -64,10 +72,11 @@ class Capture:
         layers: One :class:`LayerCapture` per supported layer, in flat-layout order.
         grad: Mini-batch gradient ``∇L`` as a flat vector ``(P,)`` (DESIGN.md layout);
             ``None`` for ``capture(..., gradient=False)``.
-        columns: The Fisher columns ``g_nc`` in output space, ``(C', N, C)``.
-        scale: ``s`` with ``F = s · Σ_nc J_nᵀ g_nc g_ncᵀ J_n`` (1/N for mean, 1 for sum).
+        columns: The Fisher columns ``g_nc`` in output space, ``(C', *output.shape)``.
+        scale: ``s`` with ``F = s · Σ_nc J_nᵀ g_nc g_ncᵀ J_n`` (1/N for mean, 1 for sum;
+            for cross-entropy with mean reduction 1/M, ``M`` the counted positions).
         loss: The mini-batch loss value.
-        output: The detached model output ``(N, C)``.
+        output: The detached model output ``(N, C)`` or ``(N, ..., C)``.
         fisher: ``"mc"``, ``"exact"`` or ``"empirical"``.
         mc_samples: Labels sampled per input for ``"mc"``.
         grad_ratio: For ``"empirical"``, ``r = s·√c`` with gradient rows ``g = r·e``
@@ -78,7 +87,8 @@ class Capture:
             vector without comparing values.
         empirical_ratio: ``r = s·√c`` for every Fisher type: the empirical Fisher's
             column of sample ``n`` is its gradient rows ``g_n / r`` (``None`` where a
-            capture was assembled without it).
+            capture was assembled without it, and for outputs with positions, whose
+            empirical Fisher is per token).
         coupling: Why the forward pass does not treat the samples independently
             (:func:`curvlab.independence.sample_coupling`), or ``None`` when it does.
             The exact objects and the comparison refuse captures with a coupling;
@@ -166,12 +176,14 @@ def capture(
     Args:
         model: Network whose trainable modules each have a layer kind
             (:mod:`curvlab.layers`; any module through the generic per-sample path).
-            Must output ``(N, C)``.
-        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
-            with reduction ``"mean"`` or ``"sum"``.
+            Must output ``(N, C)`` or, with positions (tokens, pixels), ``(N, ..., C)``.
+        loss_fn: ``nn.CrossEntropyLoss`` (``ignore_index`` honoured),
+            ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` with reduction ``"mean"`` or
+            ``"sum"``.
         inputs: Batch of ``N`` inputs on the model's device.
-        targets: Labels (class indices or probabilities for cross-entropy, the
-            output's shape otherwise).
+        targets: Labels: for cross-entropy class indices ``(N, ...)`` (the output's
+            shape without its last, class, dimension) or probabilities ``(N, C)``; the
+            output's shape otherwise.
         fisher: ``"mc"`` (sampled labels), ``"exact"`` (type-2 Fisher = GGN) or
             ``"empirical"`` (data labels).
         mc_samples: Sampled labels per input for ``"mc"`` (``C' = mc_samples``).
@@ -183,6 +195,16 @@ def capture(
 
     Returns:
         The :class:`Capture`; all of its tensors live on the model's device.
+
+    Outputs with positions ``(N, ..., C)`` (curvlab.losses): the class dimension is
+    last, and the loss is exactly ``loss_fn(out.flatten(0, -2), y.flatten())`` for
+    cross-entropy (mean over the positions whose target is not ``ignore_index``) and
+    ``loss_fn(out, y)`` (mean over all entries) for MSE and BCE.  A cross-entropy call
+    that PyTorch would read with class dimension 1 is refused.  Fisher columns per
+    sample (``C'``) with ``T`` positions and ``C`` classes: ``exact`` has ``T·C`` (one
+    per position and class; refused when the Gram would exceed the memory budget),
+    ``mc`` has ``mc_samples`` (labels sampled at every position, unbiased for the GGN),
+    ``empirical`` has ``T`` (per-token gradients, curvlinops' ``EFLinearOperator``).
 
     The model runs in the mode it is in: in ``train()`` mode its forward pass updates
     BatchNorm running statistics once, as one training forward would; call
@@ -223,19 +245,22 @@ def capture(
             "pass; freeze them."
         )
     if not isinstance(output, Tensor):
-        raise ShapeError("the model must return a single tensor of shape (N, C).")
+        raise ShapeError("the model must return a single tensor of shape (N, C) or (N, ..., C).")
     watch.check(model, output, inputs.shape[0])
     check_targets(loss_fn, output, targets)
     check_finite(output, "model output", "Check the inputs and the parameters.")
+    if output.dim() > 2:
+        check_column_budget(output, fisher, mc_samples)
 
-    loss = loss_fn(output, targets)
+    loss = loss_value(loss_fn, output, targets)
     (grad_output,) = torch.autograd.grad(loss, output, retain_graph=True)
     f = output.detach()
-    cols = fisher_columns(loss_fn, f, grad_output.detach(), fisher, mc_samples, generator, targets)
-    scale, c = loss_scales(loss_fn, f)
+    cols = fisher_columns(loss_fn, f, targets, grad_output.detach(), fisher, mc_samples, generator)
+    scale, c = loss_scales(loss_fn, f, targets)
     # One batched backward: the gradient column first, then the C' Fisher columns.
-    # The empirical column is the gradient column over s·√c: backpropagate it once.
-    empirical = fisher == "empirical"
+    # A single empirical column (no positions) is the gradient column over s·√c:
+    # backpropagate it once.
+    empirical = fisher == "empirical" and cols.shape[0] == 1
     grad_outputs = grad_output.unsqueeze(0)
     if not empirical:
         grad_outputs = torch.cat([grad_outputs, cols.to(f.dtype)])
@@ -265,9 +290,10 @@ def capture(
         output=f,
         fisher=fisher,
         mc_samples=int(mc_samples) if fisher == "mc" else 1,
-        grad_ratio=scale * math.sqrt(c) if empirical else None,
+        grad_ratio=scale * math.sqrt(c) if fisher == "empirical" else None,
         grad_stamp=None if grad is None else (grad.data_ptr(), grad._version),
-        empirical_ratio=scale * math.sqrt(c),
+        # the per-sample empirical rows; outputs with positions use per-token columns
+        empirical_ratio=scale * math.sqrt(c) if f.dim() == 2 else None,
         coupling=sample_coupling(model, inputs, f, watch.ambiguous),
     )
 

@@ -103,10 +103,10 @@ def test_targets_wrong_batch_size():
         curvlab.capture(p.model, p.loss_fn, p.X, p.y[:-2], fisher="mc")
 
 
-def test_non_2d_output_is_a_shape_error():
-    model = nn.Sequential(nn.Linear(3, 4)).double()  # (N, T, 3) -> (N, T, 4)
-    X = torch.randn(2, 5, 3, dtype=torch.float64)
-    y = torch.randn(2, 5, 4, dtype=torch.float64)
+def test_1d_output_is_a_shape_error():
+    model = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0)).double()  # (N, 3) -> (N,)
+    X = torch.randn(2, 3, dtype=torch.float64)
+    y = torch.randn(2, dtype=torch.float64)
     with pytest.raises(errors.ShapeError):
         curvlab.capture(model, nn.MSELoss(), X, y, fisher="exact")
 

@@ -56,7 +56,8 @@ class DiagEmpiricalFisher(LayerwiseCurvature):
         if capture.empirical_ratio is None or any(lc.g is None for lc in capture.layers):
             raise OptionError(
                 "the diagonal empirical Fisher needs the gradient's output rows; capture "
-                "with gradient rows (the default of curvlab.capture)"
+                "with gradient rows (the default of curvlab.capture) and outputs (N, C) (with "
+                "positions the empirical Fisher is per token: use fisher='empirical')"
             )
         dtype = compute_dtype(capture.dtype)
         ratio = capture.empirical_ratio
