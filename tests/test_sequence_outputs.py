@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 import reference as R
+import sequence_reference as S
 import torch
-import torch.nn.functional as F
 from conftest import DAMPINGS, RTOL, mc_generator
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian
 
 import curvlab
 from curvlab.errors import MemoryBudgetError, ShapeError
@@ -60,68 +60,6 @@ def _loss(loss_name: str, reduction: str, ignore_index: int = -100) -> nn.Module
     return {"mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}[loss_name](reduction=reduction)
 
 
-def _user_loss(loss_fn: nn.Module, f: Tensor, y: Tensor) -> Tensor:
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return loss_fn(f.flatten(0, -2), y.flatten())
-    return loss_fn(f, y)
-
-
-def _token_losses(loss_fn: nn.Module, f: Tensor, y: Tensor) -> Tensor:
-    """``ℓ_nt`` (summed over the position's outputs), ``(N·T,)``; 0 where ignored."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return F.cross_entropy(
-            f.flatten(0, -2), y.flatten(), reduction="none", ignore_index=loss_fn.ignore_index
-        )
-    if isinstance(loss_fn, nn.MSELoss):
-        return ((f - y) ** 2).flatten(0, -2).sum(-1)
-    return F.binary_cross_entropy_with_logits(f, y, reduction="none").flatten(0, -2).sum(-1)
-
-
-def _batch_fn(model: nn.Module, X: Tensor):
-    names = list(R.trainable_params(model))
-
-    def fn(theta: Tensor) -> Tensor:
-        parts, start = {}, 0
-        for name, p in R.trainable_params(model).items():
-            parts[name] = theta[start : start + p.numel()].view_as(p)
-            start += p.numel()
-        assert list(parts) == names
-        return functional_call(model, parts, (X,))
-
-    return fn
-
-
-def dense_ggn(model, loss_fn, X, y) -> Tensor:
-    theta = R.flatten(R.trainable_params(model).values()).detach()
-    fn = _batch_fn(model, X)
-    f = fn(theta).detach()
-    J = jacrev(fn)(theta).reshape(f.numel(), -1)
-    Hf = hessian(lambda out: _user_loss(loss_fn, out, y))(f).reshape(f.numel(), f.numel())
-    return J.T @ Hf @ J
-
-
-def dense_empirical(model, loss_fn, X, y) -> Tensor:
-    theta = R.flatten(R.trainable_params(model).values()).detach()
-    fn = _batch_fn(model, X)
-    G = jacrev(lambda th: _token_losses(loss_fn, fn(th), y))(theta)  # (N·T, P)
-    f = fn(theta).detach()
-    if loss_fn.reduction == "sum":
-        sc = 1.0
-    elif isinstance(loss_fn, nn.CrossEntropyLoss):
-        sc = 1.0 / int((y != loss_fn.ignore_index).sum())
-    else:
-        sc = 1.0 / f.numel()
-    return sc * G.T @ G
-
-
-def dense_from_columns(model, X, columns: Tensor, scale: float) -> Tensor:
-    theta = R.flatten(R.trainable_params(model).values()).detach()
-    fn = _batch_fn(model, X)
-    J = jacrev(fn)(theta)  # (N, T, K, P)
-    U = torch.einsum("cntk,ntkp->cnp", columns, J).reshape(-1, theta.numel())
-    return scale * U.T @ U
-
-
 CASES = [
     ("ce", "mean"),
     ("ce", "sum"),
@@ -137,18 +75,18 @@ def test_positions_against_dense(loss_name, reduction, fisher):
     model, X, y = _model(), _inputs(), _targets(loss_name)
     loss_fn = _loss(loss_name, reduction)
     capt = curvlab.capture(model, loss_fn, X, y, fisher=fisher, generator=mc_generator(3))
-    ref_loss = _user_loss(loss_fn, model(X), y)
+    ref_loss = S.user_loss(loss_fn, model(X), y)
     assert abs(capt.loss - ref_loss.item()) <= RTOL * abs(ref_loss.item())
     g_ref = R.flatten(torch.autograd.grad(ref_loss, list(R.trainable_params(model).values())))
     assert R.rel_err(capt.grad, g_ref) <= RTOL
     cols = {"exact": T * K, "empirical": T, "mc": 1}[fisher]
     assert capt.columns.shape == (cols, N, T, K)
     if fisher == "exact":
-        ref = dense_ggn(model, loss_fn, X, y)
+        ref = S.dense_ggn(model, loss_fn, X, y)
     elif fisher == "empirical":
-        ref = dense_empirical(model, loss_fn, X, y)
+        ref = S.dense_empirical(model, loss_fn, X, y)
     else:
-        ref = dense_from_columns(model, X, capt.columns, capt.scale)
+        ref = S.dense_from_columns(model, X, capt.columns, capt.scale)
     obj = curvlab.ExactFisher(capt)
     R.assert_close_all(R.interface_errors(obj, ref, DAMPINGS), RTOL, f"{loss_name} {fisher}")
     lam = 0.1
@@ -166,7 +104,7 @@ def test_custom_ignore_index_and_counted_mean():
     y_ref = y.clone()
     capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
     assert capt.scale == 1.0 / (N * T - 3)
-    F_ref = dense_ggn(model, loss_fn, X, y_ref)
+    F_ref = S.dense_ggn(model, loss_fn, X, y_ref)
     assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), F_ref) <= RTOL
 
 
@@ -185,7 +123,7 @@ def test_mc_columns_unbiased_for_ggn():
     outer = torch.einsum("snI,snJ->snIJ", g, g)
     mean, se = outer.mean(0), outer.std(0) / draws**0.5
     f = model(X).detach()
-    Hf = hessian(lambda out: _user_loss(loss_fn, out, y))(f).reshape(N, T * K, N, T * K)
+    Hf = hessian(lambda out: S.user_loss(loss_fn, out, y))(f).reshape(N, T * K, N, T * K)
     H_per_seq = torch.stack([Hf[n, :, n] for n in range(N)])
     assert bool(((mean - H_per_seq).abs() <= 5 * se + 1e-12).all())
     # and the statistic can fail: a wrongly scaled Hessian is rejected

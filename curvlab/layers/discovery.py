@@ -24,11 +24,13 @@ from curvlab.layers.elementwise import (
     PReLUKind,
     RMSNormKind,
 )
+from curvlab.layers.embedding import EmbeddingKind
 from curvlab.layers.generic import GenericKind
 from curvlab.layers.linear import LinearKind
 
 KINDS: dict[type[nn.Module], type[LayerKind]] = {
     nn.Linear: LinearKind,
+    nn.Embedding: EmbeddingKind,
     nn.Conv1d: ConvKind,
     nn.Conv2d: ConvKind,
     nn.BatchNorm1d: BatchNormKind,
