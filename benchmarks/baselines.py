@@ -105,9 +105,9 @@ def materialised_ng(
     g = torch.cat([t.reshape(-1) for t in grads[:-1]]).detach()
     f = out.detach()
     cols = fisher_columns(
-        loss_fn, f, grads[-1].detach(), fisher, 1, _generator(fisher, seed, x.device)
+        loss_fn, f, y, grads[-1].detach(), fisher, 1, _generator(fisher, seed, x.device)
     )  # (C', N, C)
-    scale, _ = loss_scales(loss_fn, f)
+    scale, _ = loss_scales(loss_fn, f, y)
     c, n = cols.shape[0], cols.shape[1]
     cols_n = cols.transpose(0, 1).to(f.dtype)  # (N, C', C)
 
