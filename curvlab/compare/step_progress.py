@@ -36,6 +36,7 @@ from curvlab.compare.progress import shifted_loss
 from curvlab.curvature.foof import FOOFBlock
 from curvlab.errors import OptionError
 from curvlab.independence import require_deterministic
+from curvlab.losses import loss_value
 from curvlab.optim.kfac import KFAC
 from curvlab.records import Record
 
@@ -92,7 +93,7 @@ def _checkpoint(
     model, loss_fn = optimizer.model, optimizer.loss_fn
     params = optimizer.param_groups[0]["params"]
     with torch.enable_grad():
-        loss = loss_fn(model(inputs), targets)
+        loss = loss_value(loss_fn, model(inputs), targets)
         grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
     before = _flat_params(optimizer).clone()
     optimizer.step(inputs, targets)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from curvlab.capture import Capture, capture
 from curvlab.errors import OptionError, ShapeError
 from curvlab.layers import LayerKind, find_layers
-from curvlab.losses import FISHER_TYPES, check_loss
+from curvlab.losses import FISHER_TYPES, check_loss, loss_value
 from curvlab.numerics import SOLVE_DTYPE, check_choice, check_damping
 
 GLOBAL = "global"  # key of the optimizer-wide entry of ``self.state``
@@ -180,7 +180,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Loss and flat gradient from a plain forward/backward (no hooks)."""
         params = self.param_groups[0]["params"]
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(inputs), targets)
+            loss = loss_value(self.loss_fn, self.model(inputs), targets)
             grads = torch.autograd.grad(loss, params)
         return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads])
 
