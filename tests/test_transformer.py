@@ -11,6 +11,8 @@ error ≤ RTOL = 1e-8.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import reference as R
 import sequence_reference as S
@@ -107,3 +109,21 @@ def test_build_transformer():
     assert out.shape == (3, 32, VOCAB)
     with pytest.raises(ValueError, match="token sequences"):
         build_model("transformer", (1, 8, 8), 10)
+
+
+def test_cli_compare_and_train_on_text(tmp_path):
+    """``compare`` defaults to the MC Fisher on text; ``train`` runs the transformer."""
+    from curvlab.cli import main
+
+    out = tmp_path / "c"
+    argv = ["compare", "--model", "transformer", "--data", "text", "--batch-size", "2"]
+    argv += ["--methods", "kfac,sgd", "--sections", "cosine", "--damping", "0.1"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["fisher"] == "mc"
+    assert {r["section"] for r in payload["records"]} == {"cosine"}
+    out = tmp_path / "t"
+    argv = ["train", "--model", "transformer", "--data", "text", "--train-size", "16"]
+    argv += ["--methods", "sgd,kfac", "--steps", "2", "--batch-size", "4", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert (out / "results.json").exists()

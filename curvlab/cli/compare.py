@@ -108,7 +108,10 @@ def add_compare_options(
         "--data-root", default=None, help="data folder [default: $CURVLAB_DATA or ./data]"
     )
     g.add_argument(
-        "--batch-size", type=int, default=128, help="examples in the batch [default: 128]"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="examples in the batch [default: 128; 8 sequences for --data text]",
     )
     g.add_argument(
         "--seed", type=int, default=0, help="model init, batch choice, MC labels [default: 0]"
@@ -156,9 +159,10 @@ def add_compare_options(
     add_plugin_option(c)
     c.add_argument(
         "--fisher",
-        default="exact",
+        default=None,
         choices=list(FISHER_TYPES),
-        help="Fisher type of F and of every approximation [default: exact (= GGN)]",
+        help="Fisher type of F and of every approximation [default: exact (= GGN); mc for "
+        "--data text, whose exact Fisher has a column per position and class]",
     )
     c.add_argument("--mc-samples", type=int, default=1, help="labels per input for --fisher mc")
     c.add_argument(
@@ -243,8 +247,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(str(err)) from None
     models = list(dict.fromkeys(names(args.model)))
     formats = check_problem(models, args.data, names(args.format))
+    text = args.data == "text"
+    batch_size = args.batch_size if args.batch_size is not None else 8 if text else 128
+    fisher = args.fisher or ("mc" if text else "exact")
     for flag, value, low in (
-        ("--batch-size", args.batch_size, 1),
+        ("--batch-size", batch_size, 1),
         ("--mc-samples", args.mc_samples, 1),
         ("--top-k", args.top_k, 1),
         ("--max-eigenvalues", args.max_eigenvalues, 0),
@@ -258,12 +265,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "models": models,
         "data": args.data,
         "data_root": args.data_root,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "seed": args.seed,
         "device": str(dev),
         "dtype": args.dtype,
         "loss": "CrossEntropyLoss(reduction='mean')",
-        "fisher": args.fisher,
+        "fisher": fisher,
         "mc_samples": args.mc_samples,
         "methods": methods,
         "plugins": list(args.plugin),

@@ -233,6 +233,8 @@ def run_train(config: dict[str, Any], progress: bool = True) -> list[Record]:
             every=config["diagnose_every"],
             methods=config["diagnose_methods"],
             damping=config["diagnose_damping"],
+            # token outputs: the exact Fisher has a column per position and class
+            fisher="mc" if config["data"] == "text" else "exact",
         )
     return train(
         problem,
