@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.cli.common import UsageError
+from curvlab.losses import loss_value
 
 PRETRAIN_METHODS = {"sgd": (torch.optim.SGD, 0.1), "adam": (torch.optim.Adam, 1e-3)}
 """Pretraining optimizers and their default learning rates."""
@@ -123,7 +124,7 @@ def pretrain(
         pick = order[start : start + size].to(inputs.device)
         start += size
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(inputs[pick]), targets[pick])
+        loss = loss_value(loss_fn, model(inputs[pick]), targets[pick])
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
