@@ -207,7 +207,9 @@ def _text(split: str, n: int | None) -> Dataset:
     inputs, targets = text_windows(split)
     if n is not None:
         if n > len(targets):
-            raise OptionError(f"n={n} exceeds the {len(targets)} examples of the text {split} split")
+            raise OptionError(
+                f"n={n} exceeds the {len(targets)} examples of the text {split} split"
+            )
         inputs, targets = inputs[:n], targets[:n]
     return Dataset("text", inputs, targets, VOCAB, tuple(inputs.shape[1:]))
 

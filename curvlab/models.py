@@ -161,7 +161,7 @@ def _transformer(
     shape: tuple[int, ...], num_classes: int, *, width: int = 64, depth: int = 2, heads: int = 4
 ) -> nn.Module:
     if len(shape) != 1:
-        raise ValueError(f"the transformer takes token sequences (T,), got inputs {shape}")
+        raise OptionError(f"the transformer takes token sequences (T,), got inputs {shape}")
     return TransformerLM(num_classes, shape[0], width=width, depth=depth, heads=heads)
 
 

@@ -100,7 +100,7 @@ def add_compare_options(
     g.add_argument(
         "--data",
         default="digits",
-        help=f"dataset: {', '.join(DATASETS)}; all but digits and mnist-5k (built in) are "
+        help=f"dataset: {', '.join(DATASETS)}; all but digits, mnist-5k and text (built in) are "
         "read from files you place under --data-root (MNIST/Fashion-MNIST IDX, CIFAR-10 "
         "python batches) [default: digits]",
     )
@@ -285,13 +285,14 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "max_eigenvalues": args.max_eigenvalues or None,
         "kfc_max_params": args.kfc_max_params,
         "formats": formats,
-        **trained_config(args, models),
+        **trained_config(args, models, batch_size),
     }
 
 
-def trained_config(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
+def trained_config(args: argparse.Namespace, models: list[str], batch_size: int) -> dict[str, Any]:
     """``weights`` (path and SHA-256 of the file, or ``None``) and ``pretrain`` (steps,
-    method, lr, batch size, or ``None``) of the configuration.
+    method, lr, batch size, or ``None``) of the configuration; ``batch_size`` is the
+    resolved ``--batch-size`` (the default of ``--pretrain-batch-size``).
 
     Raises:
         UsageError: ``--weights`` with several models or a missing file; a bad pretraining
@@ -317,7 +318,7 @@ def trained_config(args: argparse.Namespace, models: list[str]) -> dict[str, Any
     lr = PRETRAIN_METHODS[args.pretrain_method][1] if args.pretrain_lr is None else args.pretrain_lr
     if not (math.isfinite(lr) and lr > 0):
         raise UsageError(f"--pretrain-lr must be a finite number > 0, got {args.pretrain_lr}")
-    batch = args.batch_size if args.pretrain_batch_size is None else args.pretrain_batch_size
+    batch = batch_size if args.pretrain_batch_size is None else args.pretrain_batch_size
     if batch < 1:
         raise UsageError(f"--pretrain-batch-size must be an integer >= 1, got {batch}")
     pretrain = None
