@@ -23,6 +23,7 @@ import curvlab
 import curvlab.optim
 from curvlab.errors import MemoryBudgetError, UnsupportedModelError
 from curvlab.layers import find_layers
+from curvlab.models import ResidualBlock
 
 NUM_OUT = 3
 N = 6
@@ -42,28 +43,13 @@ def _randomise_norms(model: nn.Module) -> nn.Module:
     return model
 
 
-class ResBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus the identity, then ReLU."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(x + self.bn2(self.conv2(h)))
-
-
 def resnet() -> nn.Module:
     """Stem, a residual block, a depthwise-separable block, pooling, classifier."""
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, bias=False),
         nn.BatchNorm2d(4),
         nn.ReLU(),
-        ResBlock(4),
+        ResidualBlock(4),
         nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),  # depthwise
         nn.BatchNorm2d(4),
         nn.ReLU(),
