@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 import curvlab
-from curvlab.losses import fisher_columns, loss_scales
+from curvlab.losses import fisher_columns, loss_scales, loss_value
 
 MiB = 2**20
 
@@ -100,7 +100,7 @@ def materialised_ng(
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     n_params = sum(p.numel() for p in params.values())
     out = model(x)
-    loss = loss_fn(out, y)
+    loss = loss_value(loss_fn, out, y)
     grads = torch.autograd.grad(loss, [dict(model.named_parameters())[k] for k in names] + [out])
     g = torch.cat([t.reshape(-1) for t in grads[:-1]]).detach()
     f = out.detach()

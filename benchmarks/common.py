@@ -188,10 +188,15 @@ def num_params(model: nn.Module) -> int:
 
 
 def plain_gradient(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """The reference: one forward and ``loss.backward()``; returns the flat gradient."""
+    """The reference: one forward and ``loss.backward()``; returns the flat gradient.
+
+    The loss is curvlab's (``curvlab.losses.loss_value``: token-level cross-entropy reads
+    classes last), the same that ``capture`` differentiates."""
+    from curvlab.losses import loss_value
+
     for p in model.parameters():
         p.grad = None
-    loss_fn(model(x), y).backward()
+    loss_value(loss_fn, model(x), y).backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
