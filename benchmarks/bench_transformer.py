@@ -2,11 +2,13 @@
 
 The model is curvlab's built-in causal transformer (``curvlab.transformer.TransformerLM``:
 token and position embeddings, pre-LayerNorm blocks, causal SDPA, GELU MLP, Linear head)
-at GPT scale: 6 blocks, width 256, 8 heads, sequence length 128, byte vocabulary of
-128, about 4.9M parameters.  Inputs are real text windows (``curvlab.text``, the Python
-standard library's own sources), targets the next bytes, token-level cross-entropy
-(mean over positions).  For N sequences it measures, each configuration in a fresh
-process (timing and peak-memory protocol of ``common.py``):
+at GPT scale: 6 blocks, width 256, 8 heads, sequence length 128, a byte vocabulary of
+256 (the text uses its ASCII half; 256 ≠ 128 positions keeps the class dimension
+unambiguous, see ``curvlab.losses.check_targets``), about 4.9M parameters.  Inputs are
+real text windows (``curvlab.text``, the Python standard library's own sources),
+targets the next bytes, token-level cross-entropy (mean over positions).  For N
+sequences it measures, each configuration in a fresh process (timing and peak-memory
+protocol of ``common.py``):
 
 * ``plain``: forward + ``loss.backward()``;
 * ``curvlab``: ``capture(fisher="mc", gradient=False)`` + ``ExactFisher.natural_gradient(λ)``
@@ -44,6 +46,7 @@ from benchmarks.baselines import (
     relative_error,
 )
 
+BYTES = 256
 METHODS = ("plain", "curvlab", "materialised", "cg")
 SIZES = {
     "gpt": dict(width=256, depth=6, heads=8, seq_len=128),
@@ -64,12 +67,12 @@ class ClassesFirst(nn.Module):
 
 def build(size: str, n: int, seed: int = 0) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
     """Model, loss, the first ``n`` training windows and their next-byte targets."""
-    from curvlab.text import VOCAB, text_windows
+    from curvlab.text import text_windows
     from curvlab.transformer import TransformerLM
 
     s = SIZES[size]
     torch.manual_seed(seed)
-    model = TransformerLM(VOCAB, s["seq_len"], s["width"], s["depth"], s["heads"])
+    model = TransformerLM(BYTES, s["seq_len"], s["width"], s["depth"], s["heads"])
     x, y = text_windows("train", seq_len=s["seq_len"])
     return model, nn.CrossEntropyLoss(), x[:n], y[:n]
 
