@@ -230,8 +230,11 @@ def capture(
     check_finite(inputs, "inputs")
     layers = find_layers(model)
 
-    saved: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = [info.module.register_forward_hook(_recorder(info, saved)) for info in layers]
+    saved: dict[str, tuple[object, Tensor]] = {}
+    handles = [
+        info.module.register_forward_hook(_recorder(info, saved), with_kwargs=True)
+        for info in layers
+    ]
     try:
         with torch.enable_grad(), ForwardWatch(layers) as watch:
             output = model(inputs)
@@ -298,18 +301,17 @@ def capture(
     )
 
 
-def _recorder(info: LayerKind, saved: dict[str, tuple[Tensor, Tensor]]):
-    def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+def _recorder(info: LayerKind, saved: dict[str, tuple[object, Tensor]]):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
         if info.name in saved:
             raise UnsupportedModelError(
                 f"module '{info.name}' ({type(module).__name__}) is called more than once "
                 "per forward pass; layers reused within one pass are not supported."
             )
-        if len(args) != 1:
-            raise UnsupportedModelError(f"module '{info.name}' received {len(args)} inputs.")
-        saved[info.name] = (args[0].detach(), out)
+        y = info.output(out)
+        saved[info.name] = (info.record(args, kwargs), y)
         # Hand a copy downstream so that in-place ops (e.g. ReLU(inplace=True)) cannot
         # rewrite the tensor whose gradient is taken.
-        return out.clone()
+        return info.with_output(out, y.clone())
 
     return hook

@@ -12,9 +12,11 @@ independent per-sample losses.  That fails when the forward pass couples samples
   without autograd on the first ``m`` samples (``m = 2``, ``1`` for ``N = 2``), whose
   output must equal the batch's first ``m`` output rows to a relative ``1e-3``
   (``1e-6`` for float64, ``5e-2`` for half types).  Random modules the probe knows
-  (Dropout in ``train()`` mode) are switched off for it and compared across two probes
-  instead; unknown randomness shows as a mismatch.  The probe restores the model's
-  buffers and the random number generator state, so it leaves no trace.
+  (Dropout and ``nn.MultiheadAttention``'s attention dropout in ``train()`` mode) are
+  switched off for it and compared across two probes instead; unknown randomness shows
+  as a mismatch.  The probe restores the model's buffers and the random number
+  generator state, so it leaves no trace; it runs without the fused inference path of
+  ``nn.MultiheadAttention``, as the capture's forward with autograd does.
 
 :func:`sample_coupling` returns why samples are not independent (``None`` when they
 are); :func:`capture` records it as ``Capture.coupling`` and keeps working (Kronecker
@@ -48,17 +50,21 @@ def batch_statistics_modules(model: nn.Module) -> list[str]:
 
 
 def random_modules(model: nn.Module) -> list[str]:
-    """Names of the Dropout modules that draw random masks (``train()`` mode, ``p > 0``)."""
+    """Names of the modules that draw random masks in ``train()`` mode: Dropout with
+    ``p > 0``, ``nn.MultiheadAttention`` with ``dropout > 0``."""
     return [name for name, _ in _scan(model)[1]]
 
 
 def _scan(model: nn.Module) -> tuple[list[str], list[tuple[str, nn.Module]]]:
-    """One pass over the modules: batch-statistics BatchNorm names, active Dropouts."""
+    """One pass over the modules: batch-statistics BatchNorm names, active dropouts."""
     batch_stats, drops = [], []
     for name, m in model.named_modules():
         if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None):
             batch_stats.append(name or "<root>")
-        elif isinstance(m, _DropoutNd) and m.training and m.p > 0:
+        elif m.training and (
+            (isinstance(m, _DropoutNd) and m.p > 0)
+            or (isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+        ):
             drops.append((name or "<root>", m))
     return batch_stats, drops
 
@@ -167,22 +173,30 @@ def _probe(
     m = inputs.shape[0]
     leading: dict[str, int] = {}
 
-    def recorder(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
-                leading.setdefault(name, args[0].shape[0])
+    def recorder(info: LayerKind):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x, d = info.inputs(args, kwargs)[0], info.batch_dim
+            if x.dim() > d:
+                leading.setdefault(info.name, x.shape[d])
 
         return hook
 
-    handles = [info.module.register_forward_pre_hook(recorder(info.name)) for info in layers]
+    handles = [
+        info.module.register_forward_pre_hook(recorder(info), with_kwargs=True) for info in layers
+    ]
     buffers = [(b, b.clone()) for b in model.buffers()]
     devices = [inputs.device] if inputs.device.type == "cuda" else []
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         for mod in drops:
             mod.training = False
+        # the capture's forward (with autograd) never takes the fused inference path of
+        # nn.MultiheadAttention / nn.TransformerEncoderLayer: neither may the probe
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             out = model(inputs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
         for mod in drops:

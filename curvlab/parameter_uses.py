@@ -5,12 +5,12 @@ gradient at its output).  A parameter that also enters the computation elsewhere
 tied decoder ``F.linear(h, self.enc.weight)``, a weight read by another module — has
 gradient contributions that capture never sees, so ``Capture.grad`` and every Fisher
 built from it would be silently wrong.  :class:`ForwardWatch` records, for each
-captured module during the capture's forward pass, the autograd node of its input, of
-its output and the leading dimension of its input; :meth:`ForwardWatch.check` then
+captured module during the capture's forward pass, the autograd nodes of its inputs, of
+its output and the size of its input's batch dimension; :meth:`ForwardWatch.check` then
 walks the autograd graph once:
 
 * the module's *region* is everything reachable from its output node without passing
-  its input node (its own computation, parametrisations of its weights included);
+  its input nodes (its own computation, parametrisations of its weights included);
 * every node of the region except the output must be consumed only inside the region,
   and the module's trainable parameters must lie in it.
 
@@ -44,7 +44,7 @@ class ForwardWatch:
 
     def __init__(self, layers: Sequence[LayerKind]):
         self.layers = list(layers)
-        self.inputs: dict[str, object] = {}
+        self.inputs: dict[str, set[object]] = {}
         self.outputs: dict[str, object] = {}
         self.leading: dict[str, int] = {}
         self.ambiguous: list[LayerKind] = []
@@ -52,9 +52,11 @@ class ForwardWatch:
 
     def __enter__(self) -> ForwardWatch:
         for info in self.layers:
-            module, name = info.module, info.name
-            self._handles.append(module.register_forward_pre_hook(self._before(info), prepend=True))
-            self._handles.append(module.register_forward_hook(self._after(name), prepend=True))
+            module = info.module
+            self._handles.append(
+                module.register_forward_pre_hook(self._before(info), prepend=True, with_kwargs=True)
+            )
+            self._handles.append(module.register_forward_hook(self._after(info), prepend=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -65,20 +67,24 @@ class ForwardWatch:
     def _before(self, info: LayerKind):
         name = info.name
 
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0] if args else None
-            if isinstance(x, Tensor) and name not in self.inputs:
-                self.inputs[name] = x.grad_fn
-                self.leading[name] = x.shape[0] if x.dim() else 0
-                if x.dim() and x.shape[0] in x.shape[1:]:
-                    self.ambiguous.append(info)
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if name in self.inputs:
+                return
+            xs = info.inputs(args, kwargs)
+            self.inputs[name] = {x.grad_fn for x in xs if x.grad_fn is not None}
+            d = info.batch_dim
+            self.leading[name] = xs[0].shape[d] if xs[0].dim() > d else 0
+            if any(_batch_size_repeats(x, d) for x in xs):
+                self.ambiguous.append(info)
 
         return hook
 
-    def _after(self, name: str):
+    def _after(self, info: LayerKind):
+        name = info.name
+
         def hook(module: nn.Module, args: tuple, out: object) -> None:
-            if isinstance(out, Tensor) and name not in self.outputs:
-                self.outputs[name] = out.grad_fn
+            if name not in self.outputs:
+                self.outputs[name] = info.output(out).grad_fn
 
         return hook
 
@@ -103,7 +109,7 @@ class ForwardWatch:
             if head is None:
                 continue
             own = {id(p) for p in info.params}
-            region = _region(head, self.inputs.get(name), own)
+            region = _region(head, self.inputs.get(name, set()), own)
             for node in region:
                 if node is head or all(c in region for c in consumers.get(node, ())):
                     continue
@@ -148,15 +154,21 @@ def _consumers(root: object) -> dict[object, list[object]]:
     return consumers
 
 
-def _region(head: object, stop: object, own: set[int]) -> set[object]:
-    """Nodes reachable from ``head`` without passing ``stop`` (the module's input) or
+def _batch_size_repeats(x: Tensor, d: int) -> bool:
+    """Whether the size of ``x``'s batch dimension ``d`` is also that of another one."""
+    shape = list(x.shape)
+    return x.dim() > d and shape.pop(d) in shape
+
+
+def _region(head: object, stop: set[object], own: set[int]) -> set[object]:
+    """Nodes reachable from ``head`` without passing ``stop`` (the module's inputs) or
     entering a leaf that is not one of the module's parameters (ids ``own``)."""
     region = {head}
     stack = [head]
     while stack:
         node = stack.pop()
         for child, _ in node.next_functions:
-            if child is None or child is stop or child in region:
+            if child is None or child in stop or child in region:
                 continue
             if _is_leaf(child) and id(child.variable) not in own:
                 continue

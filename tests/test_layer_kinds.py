@@ -320,12 +320,20 @@ def test_generic_memory_budget(monkeypatch):
         curvlab.capture(model, nn.CrossEntropyLoss(), X, y, fisher="exact")
 
 
-def test_multihead_attention_refused():
-    """nn.MultiheadAttention computes with its parameters (out_proj included) outside
-    the modules' forward: refused with a clear error, not a KeyError."""
+class _OwnAttention(nn.MultiheadAttention):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x, x, x)[0]
+
+
+def test_multihead_attention_kind():
+    """nn.MultiheadAttention is one layer owning out_proj (tests/test_attention.py); a
+    subclass with its own forward is refused with a curvlab error."""
     model = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True))
-    with pytest.raises(UnsupportedModelError, match="MultiheadAttention"):
-        find_layers(model)
+    assert [(i.name, type(i).__name__) for i in find_layers(model)] == [("0", "AttentionKind")]
+    model = nn.Sequential(_OwnAttention(4, 2, batch_first=True), nn.Linear(4, 3))
+    x, y = torch.randn(2, 5, 4), torch.randint(0, 3, (2, 5))
+    with pytest.raises(UnsupportedModelError, match="changes nn.MultiheadAttention"):
+        curvlab.capture(model, nn.CrossEntropyLoss(), x, y)
 
 
 @pytest.mark.parametrize("method", ["kfac", "foof"])

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.config import format_bytes, options
-from curvlab.errors import MemoryBudgetError
+from curvlab.errors import MemoryBudgetError, UnsupportedModelError
 
 
 class LayerKind(ABC):
@@ -49,10 +49,13 @@ class LayerKind(ABC):
             ``False`` the approximations use the layer's exact block.
         convolutional: Whether the locations ``t`` are positions of a convolution
             sharing one weight (what the KFC checks examine).
+        owns_submodules: Whether the kind reads the trainable parameters of the
+            module's submodules too (they get no kind of their own).
     """
 
     kronecker: bool = False
     convolutional: bool = False
+    owns_submodules: bool = False
 
     def __init__(self, name: str, module: nn.Module, offset: int):
         self.name, self.module, self.offset = name, module, offset
@@ -137,6 +140,46 @@ class LayerKind(ABC):
             torch.sum(r, dim=0, out=out[n_w:])
         return out
 
+    # -- the module's call ---------------------------------------------------------------
+
+    @property
+    def batch_dim(self) -> int:
+        """Dimension of the batch in the module's inputs and output (0: batch-first)."""
+        return 0
+
+    def inputs(self, args: tuple, kwargs: dict) -> tuple[Tensor, ...]:
+        """The data tensors of one call of the module (what it computes from besides its
+        parameters): by default its one positional input.
+
+        Raises:
+            UnsupportedModelError: the module was called otherwise.
+        """
+        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+            raise UnsupportedModelError(
+                f"module '{self.name}' received {len(args)} positional and {len(kwargs)} "
+                "keyword inputs; its kind reads one input tensor, passed positionally."
+            )
+        return args
+
+    def record(self, args: tuple, kwargs: dict) -> object:
+        """What the capture keeps of one call for :meth:`read` (``x``): by default the
+        one input tensor, detached."""
+        return self.inputs(args, kwargs)[0].detach()
+
+    def output(self, out: object) -> Tensor:
+        """The output tensor whose gradients the capture takes (``out`` itself by
+        default)."""
+        if not isinstance(out, Tensor):
+            raise UnsupportedModelError(
+                f"module '{self.name}' returned a {type(out).__name__}; its kind reads "
+                "modules that return one tensor."
+            )
+        return out
+
+    def with_output(self, out: object, tensor: Tensor) -> object:
+        """``out`` with :meth:`output`'s tensor replaced by ``tensor``."""
+        return tensor
+
     # -- reading a capture ---------------------------------------------------------------
 
     @abstractmethod
@@ -144,8 +187,8 @@ class LayerKind(ABC):
         """The rows ``ā`` and output rows of one capture.
 
         Args:
-            x: The module's (detached) input.
-            out: The module's output (for its shape).
+            x: What :meth:`record` kept of the call (the module's detached input).
+            out: The module's output tensor (:meth:`output`, for its shape).
             grads: ``B`` backpropagated output-gradients ``(B, *out.shape)`` (the
                 gradient column first, then the Fisher columns).
 
@@ -226,7 +269,7 @@ class PerSampleKind(LayerKind):
         layer's parameters for every ``b`` and ``n``, in flat-layout order."""
 
     def read(self, x: Tensor, out: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
-        b, n = grads.shape[:2]
+        b, n = grads.shape[0], grads.shape[1 + self.batch_dim]
         need = b * n * self.num_params * grads.element_size() * self.memory_factor
         if need > options.memory_budget:
             raise MemoryBudgetError(

@@ -2,7 +2,8 @@
 
 A module of a registered type gets that type's kind; a subclass of one only when it
 computes what the kind assumes (it overrides neither ``forward`` nor the functional
-core, and its trainable tensors are its plain ``weight``/``bias``).  Everything else
+core, and its trainable tensors are its plain ``weight``/``bias``, or for
+``nn.MultiheadAttention`` its projections and ``bias_k``/``bias_v``).  Everything else
 with trainable parameters — custom modules, raw ``nn.Parameter``s, parametrised layers
 (``torch.nn.utils.parametrize``, ``weight_norm``, ``spectral_norm``), convolutions the
 Kronecker kind does not cover — takes the exact generic path
@@ -15,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from curvlab.errors import UnsupportedModelError
+from curvlab.layers.attention import AttentionKind
 from curvlab.layers.base import LayerKind, MatrixKind
 from curvlab.layers.conv import ConvKind
 from curvlab.layers.elementwise import (
@@ -40,11 +42,27 @@ KINDS: dict[type[nn.Module], type[LayerKind]] = {
     nn.LayerNorm: LayerNormKind,
     nn.RMSNorm: RMSNormKind,
     nn.PReLU: PReLUKind,
+    nn.MultiheadAttention: AttentionKind,
 }
 """Module type -> its kind; modules of other types take :class:`GenericKind`."""
 
 # methods a subclass must not override to keep its parent's computation
 _CORE_METHODS = ("forward", "_conv_forward")
+
+# the trainable tensors a kind reads (with those of submodules it owns); default weight/bias
+_PARAMETERS: dict[type[nn.Module], set[str]] = {
+    nn.MultiheadAttention: {
+        "in_proj_weight",
+        "in_proj_bias",
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "bias_k",
+        "bias_v",
+        "out_proj.weight",
+        "out_proj.bias",
+    }
+}
 
 
 def kind_of(module: nn.Module) -> type[LayerKind]:
@@ -62,14 +80,16 @@ def kind_of(module: nn.Module) -> type[LayerKind]:
 
 
 def _keeps_computation(module: nn.Module, base: type[nn.Module]) -> bool:
-    """Whether ``module`` computes what ``base`` does with plain ``weight``/``bias``."""
+    """Whether ``module`` computes what ``base`` does with its plain parameters
+    (``weight``/``bias``, or those :data:`_PARAMETERS` names)."""
     cls = type(module)
     if any(getattr(cls, m, None) is not getattr(base, m, None) for m in _CORE_METHODS):
         return False
     if module._forward_pre_hooks:  # e.g. the hooks of the old weight_norm/spectral_norm
         return False
-    names = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-    if not names <= {"weight", "bias"}:
+    owns = KINDS[base].owns_submodules
+    names = {n for n, p in module.named_parameters(recurse=owns) if p.requires_grad}
+    if not names <= _PARAMETERS.get(base, {"weight", "bias"}):
         return False
     # the matrix kinds read weight and bias as one [W | b]: a trainable bias needs its weight
     return not issubclass(KINDS[base], MatrixKind) or "weight" in names
@@ -79,9 +99,9 @@ def find_layers(model: nn.Module) -> list[LayerKind]:
     """The modules of ``model`` with trainable parameters, as kinds in flat-layout order.
 
     Raises:
-        UnsupportedModelError: parameters shared between modules, ``nn.MultiheadAttention``
-            with trainable parameters, no trainable parameter at all, or a registration
-            order that differs from ``model.parameters()``.
+        UnsupportedModelError: parameters shared between modules, a changed
+            ``nn.MultiheadAttention`` with trainable parameters, no trainable parameter at
+            all, or a registration order that differs from ``model.parameters()``.
     """
     layers: list[LayerKind] = []
     offset = 0
@@ -91,17 +111,21 @@ def find_layers(model: nn.Module) -> list[LayerKind]:
         if any(name.startswith(prefix) for prefix in covered):
             continue
         label = f"module '{name or '<root>'}' ({type(module).__name__})"
-        if isinstance(module, nn.MultiheadAttention):
+        kind_cls = kind_of(module)
+        if isinstance(module, nn.MultiheadAttention) and kind_cls is not AttentionKind:
             if any(p.requires_grad for p in module.parameters()):
                 raise UnsupportedModelError(
-                    f"{label} computes with its parameters (out_proj included) through "
-                    "F.multi_head_attention_forward, which curvlab does not read. Freeze it "
-                    "or write attention from nn.Linear layers."
+                    f"{label} changes nn.MultiheadAttention (its own forward, hooks, "
+                    "parametrisations or other trainable tensors), whose parameters "
+                    "(out_proj included) are used inside F.multi_head_attention_forward; "
+                    "curvlab reads only the plain module. Use nn.MultiheadAttention itself "
+                    "or freeze it."
                 )
             covered.append(f"{name}." if name else "")
             continue
-        kind_cls = kind_of(module)
-        if parametrize.is_parametrized(module):
+        if kind_cls.owns_submodules:
+            covered.append(f"{name}." if name else "")
+        elif parametrize.is_parametrized(module):
             covered.append(f"{name}.parametrizations." if name else "parametrizations.")
         info = kind_cls(name, module, offset)
         if not info.params:
