@@ -140,7 +140,7 @@ class AttentionKind(GenericKind):
         kpm, mask = x.key_padding_mask, x.attn_mask
         per_sample_mask = mask is not None and mask.dim() == 3
         if per_sample_mask:  # (N·heads, L, S) -> (N, heads, L, S)
-            mask = mask.view(-1, module.num_heads, *mask.shape[1:])
+            mask = mask.reshape(-1, module.num_heads, *mask.shape[1:])
 
         def forward(xs: tuple[Tensor, ...], kpm_n: Tensor | None, mask_n: Tensor | None, vals):
             batched = [t.unsqueeze(d) for t in xs]  # one sample, identities kept
