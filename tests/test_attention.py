@@ -305,3 +305,23 @@ def test_batched_forward_on_any_attention_kernel(backend):
     ref = S.dense_ggn(model, loss_fn, x, y)
     assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), ref) <= RTOL
     assert R.rel_err(capt.grad, _reference_gradient(model, loss_fn, x, y)) <= RTOL
+
+
+def test_compare_runs_on_attention():
+    """curvlab.compare with exact, block-diagonal, KFAC, EKFAC on a cross-attention
+    model: every method has records, all finite."""
+    model, x, y = _build("cross-seq-first")
+    methods = ["exact", "blockdiag", "kfac", "ekfac"]
+    records = curvlab.compare(
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        y,
+        fisher="exact",
+        methods=methods,
+        damping=[1e-2],
+        sections=["cosine", "relative_error"],
+        progress=False,
+    )
+    assert {r.method for r in records} >= set(methods)
+    assert all(torch.isfinite(torch.tensor(float(r.value))) for r in records)
