@@ -50,6 +50,10 @@ class LayerCapture:
         locations: Shape of the output locations, whose product is ``T``: ``(H_out,
             W_out)`` for Conv2d, ``(L_out,)`` for Conv1d, the extra leading dimensions
             for Linear (``()`` for 2-D inputs and per-sample kinds).
+        groups: For a layer made of independent groups (``info.group_layouts``: grouped
+            convolutions), one capture per group in that group's own layout (its
+            patches ``(N, T, d_in_h)`` and output rows ``(C', N, T, C_out/G)``), from
+            which the Kronecker methods build one factor pair per group; else ``None``.
     """
 
     info: LayerKind
@@ -57,6 +61,7 @@ class LayerCapture:
     e: Tensor
     g: Tensor | None = None
     locations: tuple[int, ...] = ()
+    groups: list[LayerCapture] | None = None
 
     @property
     def name(self) -> str:
@@ -278,10 +283,20 @@ def capture(
         x, out = saved[info.name]
         if g is None:
             g = torch.zeros((grad_outputs.shape[0], *out.shape), dtype=f.dtype, device=f.device)
-        a, rows = info.read(x, out, g.detach())
+        a, rows, grouped = info.read_grouped(x, out, g.detach())
         check_finite(rows, f"output gradients of layer '{info.name}'")
-        e = rows[:1] / (scale * math.sqrt(c)) if empirical else rows[1:]
-        records.append(LayerCapture(info, a, e, rows[0], info.locations(out)))
+
+        def columns(r: Tensor) -> Tensor:
+            return r[:1] / (scale * math.sqrt(c)) if empirical else r[1:]
+
+        groups = None
+        if grouped is not None:
+            ga, grows = grouped[0].movedim(2, 0), grouped[1].movedim(3, 0)
+            groups = [
+                LayerCapture(lay, ga[k], columns(grows[k]), grows[k, 0], info.locations(out))
+                for k, lay in enumerate(info.group_layouts)
+            ]
+        records.append(LayerCapture(info, a, columns(rows), rows[0], info.locations(out), groups))
         if grad is not None:
             info.weight_product(rows[0], a, out=grad[info.slice])
     return Capture(

@@ -241,9 +241,10 @@ def test_approximations_use_exact_blocks_for_non_kronecker_layers(name, loss_nam
         obj = cls(capt)
         structure = obj.layer_structure
         for lc in capt.layers:
-            want = "kronecker" if lc.info.kronecker else "exact"
+            factored = lc.info.kronecker or lc.groups is not None  # grouped: per group
+            want = "kronecker" if factored else "exact"
             assert structure[lc.name] == want, (cls.__name__, lc.name)
-            if lc.info.kronecker:
+            if factored:
                 continue
             s = lc.info.slice
             block = F[s, s]
@@ -255,8 +256,9 @@ def test_approximations_use_exact_blocks_for_non_kronecker_layers(name, loss_nam
 
 def test_kinds_of_fixture_layers():
     """Which kind each module gets: subclasses that keep the computation are read as
-    their parent; overriding subclasses, parametrised layers, grouped / padded /
-    transposed / 3-D convolutions and raw parameters take the generic path."""
+    their parent; overriding subclasses, parametrised layers and raw parameters take the
+    generic path; padded / transposed / 3-D convolutions are Kronecker ConvKinds, grouped
+    ones (depthwise included) GroupedConvKinds."""
 
     def kinds(name: str) -> dict[str, str]:
         return {i.name: type(i).__name__ for i in find_layers(build(name, "ce-mean")[0])}
@@ -265,16 +267,16 @@ def test_kinds_of_fixture_layers():
     assert nested["inner.plain"] == "LinearKind"
     for generic in ("inner.odd", "inner.scale", "param_lin", "normed", ""):
         assert nested[generic] == "GenericKind", generic
-    assert kinds("resnet")["4"] == "GenericKind"  # depthwise conv
+    assert kinds("resnet")["4"] == "GroupedConvKind"  # depthwise conv
     assert kinds("resnet")["3.bn1"] == "BatchNormKind"
     dec = kinds("decoder")
     assert [dec[k] for k in ("0", "1", "3", "5", "6", "8")] == [
-        "GenericKind",
+        "GroupedConvKind",
         "GroupNormKind",
-        "GenericKind",
-        "GenericKind",
+        "ConvKind",
+        "ConvKind",
         "BatchNormKind",
-        "GenericKind",
+        "ConvKind",
     ]
     assert set(kinds("norms_mlp").values()) == {
         "LinearKind",

@@ -427,7 +427,9 @@ def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
         records += [dataclasses.replace(r, extra={**r.extra, "model": spec}) for r in found]
         problems[spec] = {
             "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "exact_layers": [i.name for i in find_layers(model) if not i.kronecker],
+            "exact_layers": [
+                i.name for i in find_layers(model) if not (i.kronecker or i.group_layouts)
+            ],
             **problems[spec],
         }
     config["problems"] = problems

@@ -9,8 +9,9 @@ Two damping rules for the same matrix:
   ``π = sqrt((tr A / dim A) / (tr G / dim G))`` from the same ``A`` and ``G`` — KFAC's own
   A-side damping, i.e. "KFAC without G", the FOOF of Benzing's Fig. 3 and 4 (App. D.9).
 
-Layers without Kronecker factors (``LayerKind.kronecker`` false) get their exact block
-instead (:class:`~curvlab.curvature.exact.GramFisher`, from the capture's Fisher columns).
+Grouped convolutions: one such block per group (``A_g ⊗ I``).  Layers without Kronecker
+factors (``LayerKind.kronecker`` false) get their exact block instead
+(:class:`~curvlab.curvature.exact.GramFisher`, from the capture's Fisher columns).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import math
 import torch
 from torch import Tensor
 
-from curvlab.capture import Capture
+from curvlab.capture import Capture, LayerCapture
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
 from curvlab.curvature.exact import GramFisher
 from curvlab.curvature.factors import Eigen, LayerFactors, input_factor
+from curvlab.curvature.grouped import GroupedBlock
 from curvlab.layers import LayerKind
 from curvlab.numerics import check_choice, compute_dtype
 
@@ -81,12 +83,18 @@ class FOOF(LayerwiseCurvature):
         self.damping_mode = damping_mode
         dtype = compute_dtype(capture.dtype)
         blocks: dict[str, Curvature] = {}
+
+        def block(lc: LayerCapture) -> FOOFBlock:
+            if damping_mode == "plain":
+                return foof_block(lc.info, input_factor(lc.a), dtype)
+            factors = LayerFactors.of(lc, capture.scale)
+            return FOOFBlock(lc.info, factors.eig_A, dtype, factors.pi)
+
         for lc in capture.layers:
-            if not lc.info.kronecker:
-                blocks[lc.name] = GramFisher(capture, [lc])
-            elif damping_mode == "plain":
-                blocks[lc.name] = foof_block(lc.info, input_factor(lc.a), dtype)
+            if lc.info.kronecker:
+                blocks[lc.name] = block(lc)
+            elif lc.groups is not None:
+                blocks[lc.name] = GroupedBlock.of(lc, block)
             else:
-                factors = LayerFactors.of(lc, capture.scale)
-                blocks[lc.name] = FOOFBlock(lc.info, factors.eig_A, dtype, factors.pi)
+                blocks[lc.name] = GramFisher(capture, [lc])
         super().__init__(blocks)

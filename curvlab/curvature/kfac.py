@@ -2,8 +2,10 @@
 
 Per layer ``C_l = A ⊗ G`` (dense block ``kron(G, A)`` in the row-major ``[W | b]``
 layout; factors in :mod:`curvlab.curvature.factors`).  Weight and bias form one block.
-Layers whose kind has no Kronecker factors (``LayerKind.kronecker`` false: norms, PReLU,
-generic modules) get their exact block (:class:`~curvlab.curvature.exact.GramFisher`),
+Grouped convolutions get one factor pair ``A_g ⊗ G_g`` per group
+(:class:`~curvlab.curvature.grouped.GroupedBlock`).  Layers whose kind has no Kronecker
+factors (``LayerKind.kronecker`` false: norms, PReLU, generic modules) get their exact
+block (:class:`~curvlab.curvature.exact.GramFisher`),
 damped as ``C_l + λI`` whatever the damping mode; ``KFAC(...).layer_structure`` says
 which layer is which.
 
@@ -22,11 +24,12 @@ import math
 import torch
 from torch import Tensor
 
-from curvlab.capture import Capture
+from curvlab.capture import Capture, LayerCapture
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
 from curvlab.curvature.exact import GramFisher
 from curvlab.curvature.factors import KFAC_APPROX, LayerFactors
+from curvlab.curvature.grouped import GroupedBlock
 from curvlab.numerics import check_choice, compute_dtype
 
 DAMPING_MODES = ("heuristic", "standard")
@@ -98,15 +101,28 @@ class KFAC(LayerwiseCurvature):
         self.damping_mode, self.kfac_approx = damping_mode, kfac_approx
         dtype = compute_dtype(capture.dtype)
         blocks: dict[str, Curvature] = {}
+
+        def kfac_block(lc: LayerCapture) -> KFACBlock:
+            factors = LayerFactors.of(lc, capture.scale, kfac_approx)
+            return KFACBlock(factors, damping_mode, dtype)
+
         for lc in capture.layers:
             if lc.info.kronecker:
-                factors = LayerFactors.of(lc, capture.scale, kfac_approx)
-                blocks[lc.name] = KFACBlock(factors, damping_mode, dtype)
+                blocks[lc.name] = kfac_block(lc)
+            elif lc.groups is not None:
+                blocks[lc.name] = GroupedBlock.of(lc, kfac_block)
             else:
                 blocks[lc.name] = GramFisher(capture, [lc])
         super().__init__(blocks)
 
     @property
     def factors(self) -> dict[str, LayerFactors]:
-        """Kronecker-factored layer name -> its ``A`` and ``G`` (float64)."""
-        return {name: b.factors for name, b in self._blocks.items() if isinstance(b, KFACBlock)}
+        """Kronecker-factored layer name -> its ``A`` and ``G`` (float64); a grouped
+        layer's groups appear as ``'name[group g]'``."""
+        out = {}
+        for name, b in self._blocks.items():
+            if isinstance(b, KFACBlock):
+                out[name] = b.factors
+            elif isinstance(b, GroupedBlock):
+                out.update({k: g.factors for k, g in b.group_blocks.items()})
+        return out

@@ -37,35 +37,26 @@ from curvlab.config import format_bytes, options
 from curvlab.errors import MemoryBudgetError, UnsupportedModelError
 
 
-class LayerKind(ABC):
-    """One trainable module: its layout, and how to read what the capture recorded.
+class Layout(ABC):
+    """The flat layout of a matrix layer ``W̄`` (``d_out x d_in_h``): the maps between
+    a flat slice and ``W̄``.  The default is the weight ``(d_out, d_in)`` row-major,
+    then the bias (one entry per row).
 
     Attributes:
-        name: The module's name in ``model.named_modules()``.
-        module: The module itself.
-        offset: Start of this layer's slice in the flat parameter vector.
+        name: The layer's name (a module name; a group of a grouped layer adds
+            ``[group g]``).
+        offset: Start of this layout's slice in the flat parameter vector.
         kronecker: Whether ``Γ_nc = Σ_t e_nct ā_ntᵀ`` comes from the layer's inputs and
             output-gradients, so that Kronecker factors ``A ⊗ G`` are meaningful; when
             ``False`` the approximations use the layer's exact block.
         convolutional: Whether the locations ``t`` are positions of a convolution
             sharing one weight (what the KFC checks examine).
-        owns_submodules: Whether the kind reads the trainable parameters of the
-            module's submodules too (they get no kind of their own).
     """
 
     kronecker: bool = False
     convolutional: bool = False
-    owns_submodules: bool = False
-
-    def __init__(self, name: str, module: nn.Module, offset: int):
-        self.name, self.module, self.offset = name, module, offset
-
-    # -- layout ------------------------------------------------------------------------
-
-    @property
-    @abstractmethod
-    def params(self) -> list[nn.Parameter]:
-        """The layer's trainable parameters in flat-layout order."""
+    name: str
+    offset: int
 
     @property
     @abstractmethod
@@ -140,6 +131,65 @@ class LayerKind(ABC):
             torch.sum(r, dim=0, out=out[n_w:])
         return out
 
+
+class BlockLayout(Layout):
+    """One group of a grouped layer as a matrix layer of its own: ``W̄_g``
+    (``d_out x d_in_h``) in the default layout, at offset 0 of the group's own slice.
+
+    A grouped layer's kind lists these (:attr:`LayerKind.group_layouts`) and maps its
+    flat slice to the groups' slices in order (its ``group_order()``); the Kronecker
+    methods build one factor pair per group on them.
+    """
+
+    kronecker = True
+
+    def __init__(self, name: str, d_out: int, d_in: int, has_bias: bool, convolutional: bool):
+        self.name, self.offset = name, 0
+        self._d_out, self._d_in, self._has_bias = d_out, d_in, has_bias
+        self.convolutional = convolutional
+
+    @property
+    def d_in(self) -> int:
+        return self._d_in
+
+    @property
+    def d_out(self) -> int:
+        return self._d_out
+
+    @property
+    def has_bias(self) -> bool:
+        return self._has_bias
+
+
+class LayerKind(Layout):
+    """One trainable module: its layout, and how to read what the capture recorded.
+
+    Attributes:
+        name: The module's name in ``model.named_modules()``.
+        module: The module itself.
+        offset: Start of this layer's slice in the flat parameter vector.
+        owns_submodules: Whether the kind reads the trainable parameters of the
+            module's submodules too (they get no kind of their own).
+    """
+
+    owns_submodules: bool = False
+
+    def __init__(self, name: str, module: nn.Module, offset: int):
+        self.name, self.module, self.offset = name, module, offset
+
+    @property
+    @abstractmethod
+    def params(self) -> list[nn.Parameter]:
+        """The layer's trainable parameters in flat-layout order."""
+
+    @property
+    def group_layouts(self) -> list[BlockLayout] | None:
+        """For a layer made of independent groups (grouped convolutions), one layout per
+        group, whose Kronecker factors the approximations use; ``None`` otherwise.  Such a
+        kind also has ``group_order()``: the positions of its slice in the order of the
+        groups' slices, one after the other."""
+        return None
+
     # -- the module's call ---------------------------------------------------------------
 
     @property
@@ -195,6 +245,15 @@ class LayerKind(ABC):
         Returns:
             ``ā`` ``(N, T, d_in_h)`` and the output rows ``(B, N, T, d_out)``.
         """
+
+    def read_grouped(
+        self, x: Tensor, out: Tensor, grads: Tensor
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """:meth:`read`, plus for a layer with :attr:`group_layouts` its rows per group:
+        ``ā`` ``(N, T, G, d_in_h)`` and output rows ``(B, N, T, G, d_out)`` of the
+        groups' layouts (``None`` for other layers)."""
+        a, rows = self.read(x, out, grads)
+        return a, rows, None
 
     @abstractmethod
     def locations(self, out: Tensor) -> tuple[int, ...]:
@@ -269,8 +328,19 @@ class PerSampleKind(LayerKind):
         layer's parameters for every ``b`` and ``n``, in flat-layout order."""
 
     def read(self, x: Tensor, out: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
-        b, n = grads.shape[0], grads.shape[1 + self.batch_dim]
-        need = b * n * self.num_params * grads.element_size() * self.memory_factor
+        self.check_budget(grads.shape[0], grads.shape[1 + self.batch_dim], grads.element_size())
+        return self.as_rows(self.per_sample_gradients(x, out, grads))
+
+    def as_rows(self, psg: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample gradients ``(B, N, P_l)`` -> ``ā = 1`` ``(N, 1, 1)`` and output rows
+        ``(B, N, 1, P_l)``."""
+        rows = psg.unsqueeze(2)
+        return rows.new_ones(1, 1, 1).expand(psg.shape[1], 1, 1), rows
+
+    def check_budget(self, b: int, n: int, element_size: int) -> None:
+        """Refuse ``b`` columns of ``n`` per-sample gradients (``element_size`` bytes per
+        entry) above the memory budget."""
+        need = b * n * self.num_params * element_size * self.memory_factor
         if need > options.memory_budget:
             raise MemoryBudgetError(
                 f"module '{self.name}' ({type(self.module).__name__}) is read through its "
@@ -280,8 +350,6 @@ class PerSampleKind(LayerKind):
                 "(one column per sample), freeze the module, or raise "
                 "curvlab.config.options.memory_budget."
             )
-        rows = self.per_sample_gradients(x, out, grads).unsqueeze(2)  # (B, N, 1, P_l)
-        return rows.new_ones(1, 1, 1).expand(n, 1, 1), rows
 
     #: Peak memory of :meth:`per_sample_gradients` in units of its result.
     memory_factor: int = 1

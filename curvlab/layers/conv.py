@@ -1,66 +1,260 @@
-"""``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and zero padding: ``W̄`` is the weight
-``(C_out, C_in·∏k)`` (plus a bias column) multiplying unfolded patches; the output
-locations are ``T``."""
+"""Convolutions ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` as matrix layers.
+
+Every convolution is written as a zero-padding, stride-``s``, dilation-``d`` convolution
+of an unfolded input with a matrix ``W̄`` of shape ``(C_out, C_in/G·∏k)`` per group
+(plus a bias column):
+
+* ``nn.Conv*``: the input padded explicitly — with zeros, or for ``padding_mode``
+  ``'reflect'``, ``'replicate'``, ``'circular'`` exactly as PyTorch pads it
+  (``padding='same'`` included) — then ``W̄ = weight.reshape(C_out, -1)``.
+* ``nn.ConvTranspose*`` (the adjoint of a convolution): the input dilated by the stride
+  (``s − 1`` zeros between entries), padded by ``d(k − 1) − p`` on both sides plus
+  ``output_padding`` on the far side (a negative pad crops), then a stride-1 convolution
+  with the flipped kernel and the channel roles swapped:
+  ``W̄[g·o + j, (i, κ)] = weight[g·i_g + i, j, k − 1 − κ]``.  The flat layout stays the
+  weight ``(C_in, C_out/G, *k)`` row-major, then the bias; :class:`ConvMatrix` maps.
+
+With ``G = groups > 1`` group ``g`` multiplies only its own input channels' patches
+``ā_ntg`` and writes only its output channels, ``Γ_nc = ⊕_g Σ_t e_nctg ā_ntgᵀ``: a
+:class:`GroupedConvKind` is read through these per-sample gradients (one ``einsum``, no
+``torch.func``), and keeps each group's rows so that the Kronecker methods build one
+factor pair ``A_g ⊗ G_g`` per group.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlab.layers.base import MatrixKind
+from curvlab.layers.base import BlockLayout, Layout, MatrixKind, PerSampleKind
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The equivalent zero-padding convolution of a conv or transposed-conv module.
+
+    Attributes:
+        kernel, stride, dilation: Per spatial dimension.
+        pads: ``F.pad`` amounts (last spatial dimension first, left then right).
+        pad_mode: ``F.pad`` mode (``'constant'`` for zeros).
+        input_stride: Zeros inserted between input entries plus one (transposed: the
+            module's stride; 1 for a convolution).
+        groups: The module's ``groups``.
+        transposed: Whether the module is a transposed convolution.
+    """
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[int, ...]
+    pad_mode: str
+    input_stride: tuple[int, ...]
+    groups: int
+    transposed: bool
+
+    @classmethod
+    def of(cls, m: nn.Module) -> ConvGeometry:
+        kernel, dilation = tuple(m.kernel_size), tuple(m.dilation)
+        ones = (1,) * len(kernel)
+        if not m.transposed:
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            pads = tuple(m._reversed_padding_repeated_twice)
+            return cls(kernel, tuple(m.stride), dilation, pads, mode, ones, m.groups, False)
+        pads: list[int] = []
+        for k, d, p, op in reversed(list(zip(kernel, dilation, m.padding, m.output_padding))):
+            pads += [d * (k - 1) - p, d * (k - 1) - p + op]
+        return cls(kernel, ones, dilation, tuple(pads), "constant", tuple(m.stride), m.groups, True)
+
+
+def conv_patches(x: Tensor, geo: ConvGeometry, bias: bool) -> Tensor:
+    """Unfold a conv input ``(N, C_in, *spatial)`` into patch rows ``(N, T, G, C_in/G·∏k)``
+    (columns in ``(channel, *kernel)`` order within each group), with a trailing 1 per
+    group when ``bias``.  ``T`` is the number of output locations.
+
+    The patches are a strided window view of the dilated and padded input, copied once
+    into the output.
+    """
+    nd = len(geo.kernel)
+    if any(s > 1 for s in geo.input_stride):
+        size = [(n - 1) * s + 1 for n, s in zip(x.shape[2:], geo.input_stride)]
+        dilated = x.new_zeros(*x.shape[:2], *size)
+        dilated[(..., *(slice(None, None, s) for s in geo.input_stride))] = x
+        x = dilated
+    if any(geo.pads):
+        x = F.pad(x, list(geo.pads), mode=geo.pad_mode)
+    windows = x
+    for dim, (k, s, d) in enumerate(zip(geo.kernel, geo.stride, geo.dilation), start=2):
+        windows = windows.unfold(dim, d * (k - 1) + 1, s)
+    windows = windows[(..., *(slice(None, None, d) for d in geo.dilation))]  # (N,C,*out,*k)
+    n, c = windows.shape[:2]
+    spatial = windows.shape[2 : 2 + nd]
+    c_g = c // geo.groups
+    d_in = c_g * math.prod(geo.kernel)
+    out = x.new_empty(n, math.prod(spatial), geo.groups, d_in + int(bias))
+    patches = out[..., :d_in].unflatten(1, spatial).unflatten(-1, (c_g, *geo.kernel))
+    order = (0, *range(3, 3 + nd), 1, 2, *range(3 + nd, 3 + 2 * nd))
+    patches.copy_(windows.unflatten(1, (geo.groups, c_g)).permute(order))
+    if bias:
+        out[..., d_in] = 1
+    return out
+
+
+def conv_output_rows(g: Tensor) -> Tensor:
+    """Output-shaped ``(B, N, C_out, *spatial)`` -> ``(B, N, T, C_out)``."""
+    return g.flatten(3).transpose(-1, -2)
+
+
+class ConvMatrix(Layout):
+    """``W̄`` ``(C_out, C_in/G·∏k)`` (plus a bias column) of a conv or transposed conv
+    module, all groups stacked (group ``g`` owns rows ``g·C_out/G ...``), mapped to the
+    module's flat layout (weight row-major, then the bias)."""
+
+    def __init__(self, module: nn.Module, has_bias: bool):
+        self.name, self.offset = "", 0
+        w = module.weight
+        self.transposed, self.groups = module.transposed, module.groups
+        self.kernel = tuple(w.shape[2:])
+        if self.transposed:
+            self.c_in_g, self.c_out_g = w.shape[0] // self.groups, w.shape[1]
+        else:
+            self.c_in_g, self.c_out_g = w.shape[1], w.shape[0] // self.groups
+        self._has_bias = has_bias
+
+    @property
+    def d_in(self) -> int:
+        return self.c_in_g * math.prod(self.kernel)
+
+    @property
+    def d_out(self) -> int:
+        return self.c_out_g * self.groups
+
+    @property
+    def has_bias(self) -> bool:
+        return self._has_bias
+
+    def to_matrix(self, flat: Tensor) -> Tensor:
+        if not self.transposed:
+            return super().to_matrix(flat)
+        lead, nd = flat.shape[:-1], len(self.kernel)
+        n_w = self.d_out * self.d_in
+        w = flat[..., :n_w].reshape(*lead, self.groups, self.c_in_g, self.c_out_g, *self.kernel)
+        w = w.flip(list(range(-nd, 0))).transpose(-nd - 1, -nd - 2)
+        w = w.reshape(*lead, self.d_out, self.d_in)
+        if not self.has_bias:
+            return w
+        return torch.cat([w, flat[..., n_w:].unsqueeze(-1)], dim=-1)
+
+    def to_flat(self, mat: Tensor) -> Tensor:
+        if not self.transposed:
+            return super().to_flat(mat)
+        lead, nd = mat.shape[:-2], len(self.kernel)
+        w = mat[..., : self.d_in].reshape(
+            *lead, self.groups, self.c_out_g, self.c_in_g, *self.kernel
+        )
+        w = w.transpose(-nd - 1, -nd - 2).flip(list(range(-nd, 0))).reshape(*lead, -1)
+        if not self.has_bias:
+            return w
+        return torch.cat([w, mat[..., self.d_in]], dim=-1)
 
 
 class ConvKind(MatrixKind):
-    """``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and ``padding_mode='zeros'``."""
+    """``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` with ``groups=1``: ``W̄``
+    ``(C_out, C_in·∏k)`` on unfolded patches of the padded (transposed: dilated and
+    padded) input, the output locations are ``T``; Kronecker factors as KFC."""
 
     convolutional = True
 
+    def __init__(self, name: str, module: nn.Module, offset: int):
+        super().__init__(name, module, offset)
+        self.geometry = ConvGeometry.of(module)
+        self.matrix = ConvMatrix(module, self.has_bias)
+
+    @property
+    def d_in(self) -> int:
+        return self.matrix.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.matrix.d_out
+
+    def to_matrix(self, flat: Tensor) -> Tensor:
+        return self.matrix.to_matrix(flat)
+
+    def to_flat(self, mat: Tensor) -> Tensor:
+        return self.matrix.to_flat(mat)
+
+    def weight_product(self, rows: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
+        if not self.geometry.transposed:
+            return super().weight_product(rows, a, out)
+        mat = rows.reshape(-1, self.d_out).T @ a.reshape(-1, self.d_in_h)
+        flat = self.to_flat(mat)
+        return flat if out is None else out.copy_(flat)
+
     def unfold(self, x: Tensor) -> Tensor:
-        """``(N, C_in, *spatial)`` -> patch rows ``(N, T, C_in·∏k)`` in PyTorch's
-        ``(C_in, *kernel)`` order, with a trailing 1 for a bias."""
-        return unfold_conv(x, self.module, self.has_bias)
+        """``(N, C_in, *spatial)`` -> patch rows ``(N, T, C_in·∏k)`` in ``(C_in, *kernel)``
+        order, with a trailing 1 for a bias."""
+        return conv_patches(x, self.geometry, self.has_bias).squeeze(2)
 
     def output_rows(self, g: Tensor) -> Tensor:
-        return g.flatten(3).transpose(-1, -2) if g.dim() == 5 else g.transpose(-1, -2)
+        return conv_output_rows(g)
 
     def locations(self, out: Tensor) -> tuple[int, ...]:
         return tuple(out.shape[2:])
 
 
-def unfold_conv(x: Tensor, m: nn.Conv1d | nn.Conv2d, bias: bool) -> Tensor:
-    """Unfold a conv input ``(N, C_in, *spatial)`` into patch rows ``(N, T, C_in·∏k)``,
-    columns in PyTorch's ``(C_in, *kernel)`` order, with a trailing 1 when ``bias``.
+class GroupedConvKind(PerSampleKind):
+    """A conv or transposed conv with ``groups > 1`` (depthwise included).
 
-    The patches are a strided window view of the zero-padded input, copied once into
-    the output (no intermediate ``im2col`` buffer and no second copy for the bias column).
+    The exact objects read it through its per-sample gradients ``⊕_g Σ_t e_nctg ā_ntgᵀ``
+    (formed by one ``einsum`` from the unfolded input and the output-gradients, within
+    the memory budget); the Kronecker methods use the groups' rows
+    (:meth:`read_grouped`, :attr:`group_layouts`), one factor pair per group.
     """
-    if isinstance(m, nn.Conv1d):
-        x = x.unsqueeze(-2)
-        kernel, stride, dilation = (1, *m.kernel_size), (1, *m.stride), (1, *m.dilation)
-        padding = m.padding if isinstance(m.padding, str) else (0, *m.padding)
-    else:
-        kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
-        padding = m.padding
-    if padding == "same":
-        pads: list[int] = []
-        for k, d in zip(reversed(kernel), reversed(dilation)):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-    elif padding == "valid":
-        pads = [0, 0, 0, 0]
-    else:
-        pads = [p for p in reversed(padding) for _ in range(2)]
-    if any(pads):
-        x = F.pad(x, pads)
-    windows = x
-    for dim, (k, s, d) in enumerate(zip(kernel, stride, dilation), start=2):
-        windows = windows.unfold(dim, d * (k - 1) + 1, s)
-    windows = windows[..., :: dilation[0], :: dilation[1]]  # (N, C_in, H_out, W_out, kh, kw)
-    n, c_in, h_out, w_out = windows.shape[:4]
-    d_in = c_in * kernel[0] * kernel[1]
-    out = x.new_empty(n, h_out * w_out, d_in + int(bias))
-    patches = out[..., :d_in].unflatten(1, (h_out, w_out)).unflatten(-1, (c_in, *kernel))
-    patches.copy_(windows.permute(0, 2, 3, 1, 4, 5))
-    if bias:
-        out[..., d_in] = 1
-    return out
+
+    def __init__(self, name: str, module: nn.Module, offset: int):
+        super().__init__(name, module, offset)
+        self.geometry = ConvGeometry.of(module)
+        bias = module.bias is not None and module.bias.requires_grad
+        self.matrix = ConvMatrix(module, bias)
+
+    @property
+    def group_layouts(self) -> list[BlockLayout]:
+        m = self.matrix
+        return [
+            BlockLayout(f"{self.name}[group {g}]", m.c_out_g, m.d_in, m.has_bias, True)
+            for g in range(m.groups)
+        ]
+
+    def group_order(self) -> Tensor:
+        """Positions of this layer's slice in the order of the groups' slices."""
+        positions = torch.arange(self.num_params, dtype=torch.float64)
+        mat = self.matrix.to_matrix(positions).unflatten(0, (self.matrix.groups, -1))
+        return torch.cat([lay.to_flat(part) for lay, part in zip(self.group_layouts, mat)]).long()
+
+    def grouped_rows(self, x: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        """``ā`` ``(N, T, G, d_in_h)`` and output rows ``(B, N, T, G, C_out/G)``."""
+        a = conv_patches(x, self.geometry, self.matrix.has_bias)
+        rows = conv_output_rows(grads).unflatten(-1, (self.matrix.groups, -1))
+        return a, rows
+
+    def gradients_from_groups(self, a: Tensor, rows: Tensor) -> Tensor:
+        """``(B, N, num_params)``: ``⊕_g Σ_t rows_btg ā_tgᵀ`` in flat-layout order."""
+        mats = torch.einsum("bntgo,ntgi->bngoi", rows, a)
+        return self.matrix.to_flat(mats.flatten(2, 3))
+
+    def per_sample_gradients(self, x: Tensor, out: Tensor, grads: Tensor) -> Tensor:
+        return self.gradients_from_groups(*self.grouped_rows(x, grads))
+
+    def read_grouped(
+        self, x: Tensor, out: Tensor, grads: Tensor
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        self.check_budget(*grads.shape[:2], grads.element_size())
+        a, rows = self.grouped_rows(x, grads)
+        return *self.as_rows(self.gradients_from_groups(a, rows)), (a, rows)

@@ -5,9 +5,10 @@ computes what the kind assumes (it overrides neither ``forward`` nor the functio
 core, and its trainable tensors are its plain ``weight``/``bias``, or for
 ``nn.MultiheadAttention`` its projections and ``bias_k``/``bias_v``).  Everything else
 with trainable parameters — custom modules, raw ``nn.Parameter``s, parametrised layers
-(``torch.nn.utils.parametrize``, ``weight_norm``, ``spectral_norm``), convolutions the
-Kronecker kind does not cover — takes the exact generic path
-(:class:`~curvlab.layers.generic.GenericKind`).
+(``torch.nn.utils.parametrize``, ``weight_norm``, ``spectral_norm``), a matrix layer
+whose weight is frozen but whose bias trains — takes the exact generic path
+(:class:`~curvlab.layers.generic.GenericKind`).  Convolutions with ``groups > 1`` take
+:class:`~curvlab.layers.conv.GroupedConvKind`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch.nn.utils import parametrize
 from curvlab.errors import UnsupportedModelError
 from curvlab.layers.attention import AttentionKind
 from curvlab.layers.base import LayerKind, MatrixKind
-from curvlab.layers.conv import ConvKind
+from curvlab.layers.conv import ConvKind, GroupedConvKind
 from curvlab.layers.elementwise import (
     BatchNormKind,
     GroupNormKind,
@@ -35,6 +36,10 @@ KINDS: dict[type[nn.Module], type[LayerKind]] = {
     nn.Embedding: EmbeddingKind,
     nn.Conv1d: ConvKind,
     nn.Conv2d: ConvKind,
+    nn.Conv3d: ConvKind,
+    nn.ConvTranspose1d: ConvKind,
+    nn.ConvTranspose2d: ConvKind,
+    nn.ConvTranspose3d: ConvKind,
     nn.BatchNorm1d: BatchNormKind,
     nn.BatchNorm2d: BatchNormKind,
     nn.BatchNorm3d: BatchNormKind,
@@ -72,10 +77,8 @@ def kind_of(module: nn.Module) -> type[LayerKind]:
     base = next((t for t in type(module).__mro__ if t in KINDS), None)
     if base is None or not _keeps_computation(module, base):
         return GenericKind
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and (
-        module.groups != 1 or module.padding_mode != "zeros"
-    ):
-        return GenericKind
+    if KINDS[base] is ConvKind and module.groups != 1:
+        return GroupedConvKind
     return KINDS[base]
 
 
