@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from curvlab.errors import OptionError, ShapeError, UnsupportedModelError
 from curvlab.independence import sample_coupling
-from curvlab.layers import LayerKind, find_layers
+from curvlab.layers import LayerKind, ModuleCall, ModuleKind, find_layers, share_repeated
 from curvlab.losses import (
     FISHER_TYPES,
     check_column_budget,
@@ -215,11 +215,18 @@ def capture(
     BatchNorm running statistics once, as one training forward would; call
     ``model.eval()`` first for a diagnostic that must leave the model untouched.
 
+    Parameters used by several module calls — tied weights shared between modules, a
+    module called more than once — are read exactly: every call of a captured module is
+    recorded, and such parameters form one layer whose per-sample gradients are the sums
+    over their calls (:class:`~curvlab.layers.shared.SharedKind`; approximations use its
+    exact block).
+
     Checked on every capture (:mod:`curvlab.parameter_uses`, :mod:`curvlab.independence`):
     each layer's input is batch-first and each captured parameter reaches the loss only
-    through its module (else :class:`~curvlab.errors.UnsupportedModelError`), and whether
-    the forward pass keeps samples independent (``Capture.coupling``; BatchNorm with batch
-    statistics or any module mixing the batch, found by a small probe forward pass).
+    through calls of modules that own it (else
+    :class:`~curvlab.errors.UnsupportedModelError`), and whether the forward pass keeps
+    samples independent (``Capture.coupling``; BatchNorm with batch statistics or any
+    module mixing the batch, found by a small probe forward pass).
     """
     if fisher not in FISHER_TYPES:
         raise OptionError(f"fisher={fisher!r} is unknown; choose one of {', '.join(FISHER_TYPES)}.")
@@ -234,19 +241,19 @@ def capture(
         )
     check_finite(inputs, "inputs")
     layers = find_layers(model)
+    uses = list({use.name: use for info in layers for use in info.uses}.values())
 
-    saved: dict[str, tuple[object, Tensor]] = {}
+    saved: dict[str, list[ModuleCall]] = {use.name: [] for use in uses}
     handles = [
-        info.module.register_forward_hook(_recorder(info, saved), with_kwargs=True)
-        for info in layers
+        use.module.register_forward_hook(_recorder(use, saved), with_kwargs=True) for use in uses
     ]
     try:
-        with torch.enable_grad(), ForwardWatch(layers) as watch:
+        with torch.enable_grad(), ForwardWatch(uses) as watch:
             output = model(inputs)
     finally:
         for h in handles:
             h.remove()
-    missing = [info.name for info in layers if info.name not in saved]
+    missing = [use.name for use in uses if not saved[use.name]]
     if missing:
         raise UnsupportedModelError(
             f"layers {missing} have trainable parameters but were not used in the forward "
@@ -254,6 +261,7 @@ def capture(
         )
     if not isinstance(output, Tensor):
         raise ShapeError("the model must return a single tensor of shape (N, C) or (N, ..., C).")
+    layers = share_repeated(layers, {name: len(calls) for name, calls in saved.items()})
     watch.check(model, output, inputs.shape[0])
     check_targets(loss_fn, output, targets)
     check_finite(output, "model output", "Check the inputs and the parameters.")
@@ -272,19 +280,28 @@ def capture(
     grad_outputs = grad_output.unsqueeze(0)
     if not empirical:
         grad_outputs = torch.cat([grad_outputs, cols.to(f.dtype)])
-    outs = [saved[info.name][1] for info in layers]
+    calls = [call for use in uses for call in saved[use.name]]
     layer_grads = torch.autograd.grad(
-        output, outs, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True
+        output,
+        [call.out for call in calls],
+        grad_outputs=grad_outputs,
+        is_grads_batched=True,
+        allow_unused=True,
     )
+    for call, g in zip(calls, layer_grads):
+        if g is None:
+            g = torch.zeros(
+                (grad_outputs.shape[0], *call.out.shape), dtype=f.dtype, device=f.device
+            )
+        call.grads = g.detach()
 
     records: list[LayerCapture] = []
     grad = f.new_empty(sum(info.num_params for info in layers)) if gradient else None
-    for info, g in zip(layers, layer_grads):
-        x, out = saved[info.name]
-        if g is None:
-            g = torch.zeros((grad_outputs.shape[0], *out.shape), dtype=f.dtype, device=f.device)
-        a, rows, grouped = info.read_grouped(x, out, g.detach())
+    for info in layers:
+        mine = [call for use in info.uses for call in saved[use.name]]
+        a, rows, grouped = info.read_calls(mine)
         check_finite(rows, f"output gradients of layer '{info.name}'")
+        locations = info.locations(mine[0].out)
 
         def columns(r: Tensor) -> Tensor:
             return r[:1] / (scale * math.sqrt(c)) if empirical else r[1:]
@@ -293,10 +310,10 @@ def capture(
         if grouped is not None:
             ga, grows = grouped[0].movedim(2, 0), grouped[1].movedim(3, 0)
             groups = [
-                LayerCapture(lay, ga[k], columns(grows[k]), grows[k, 0], info.locations(out))
+                LayerCapture(lay, ga[k], columns(grows[k]), grows[k, 0], locations)
                 for k, lay in enumerate(info.group_layouts)
             ]
-        records.append(LayerCapture(info, a, columns(rows), rows[0], info.locations(out), groups))
+        records.append(LayerCapture(info, a, columns(rows), rows[0], locations, groups))
         if grad is not None:
             info.weight_product(rows[0], a, out=grad[info.slice])
     return Capture(
@@ -316,17 +333,14 @@ def capture(
     )
 
 
-def _recorder(info: LayerKind, saved: dict[str, tuple[object, Tensor]]):
+def _recorder(use: ModuleKind, saved: dict[str, list[ModuleCall]]):
+    """A forward hook that records every call of ``use``'s module."""
+
     def hook(module: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
-        if info.name in saved:
-            raise UnsupportedModelError(
-                f"module '{info.name}' ({type(module).__name__}) is called more than once "
-                "per forward pass; layers reused within one pass are not supported."
-            )
-        y = info.output(out)
-        saved[info.name] = (info.record(args, kwargs), y)
+        y = use.output(out)
+        saved[use.name].append(ModuleCall(use, use.record(args, kwargs), y))
         # Hand a copy downstream so that in-place ops (e.g. ReLU(inplace=True)) cannot
         # rewrite the tensor whose gradient is taken.
-        return info.with_output(out, y.clone())
+        return use.with_output(out, y.clone())
 
     return hook

@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from curvlab.errors import SampleCouplingError, UnsupportedModelError
-from curvlab.layers import LayerKind
+from curvlab.layers import ModuleKind
 
 _PROBE_RTOL = {torch.float64: 1e-6, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 _DEFAULT_RTOL = 1e-3
@@ -104,7 +104,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 
 def sample_coupling(
-    model: nn.Module, inputs: Tensor, output: Tensor, layers: Sequence[LayerKind]
+    model: nn.Module, inputs: Tensor, output: Tensor, layers: Sequence[ModuleKind]
 ) -> str | None:
     """Why the samples of ``inputs`` are not independent in ``model``'s forward, or
     ``None`` (module docstring).
@@ -165,19 +165,19 @@ def sample_coupling(
 
 
 def _probe(
-    model: nn.Module, inputs: Tensor, layers: Sequence[LayerKind], drops: Sequence[nn.Module]
+    model: nn.Module, inputs: Tensor, layers: Sequence[ModuleKind], drops: Sequence[nn.Module]
 ) -> Tensor:
     """``model(inputs)`` without autograd, the Dropouts ``drops`` off, buffers and RNG
     state restored; checks that every captured layer's input follows the batch size
     ``inputs.shape[0]``."""
     m = inputs.shape[0]
-    leading: dict[str, int] = {}
+    leading: dict[str, list[int]] = {}
 
-    def recorder(info: LayerKind):
+    def recorder(info: ModuleKind):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x, d = info.inputs(args, kwargs)[0], info.batch_dim
             if x.dim() > d:
-                leading.setdefault(info.name, x.shape[d])
+                leading.setdefault(info.name, []).append(x.shape[d])
 
         return hook
 
@@ -210,11 +210,13 @@ def _probe(
     return out.detach()
 
 
-def check_batch_first(leading: dict[str, int], n: int) -> None:
+def check_batch_first(leading: dict[str, list[int]], n: int) -> None:
     """Refuse captured layers whose input's leading dimension (``leading``, per layer
-    name, from the capture's forward) is not the batch size ``n``."""
-    for name, d in leading.items():
-        if d != n:
+    name and call, from the capture's forward) is not the batch size ``n``."""
+    for name, dims in leading.items():
+        for d in dims:
+            if d == n:
+                continue
             raise UnsupportedModelError(
                 f"layer '{name}' receives inputs whose leading dimension is not the batch: "
                 f"{d} for a batch of {n} samples. curvlab needs batch-first layer inputs "

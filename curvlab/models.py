@@ -33,6 +33,7 @@ MODELS = (
     "benzing-mlp",
     "deep-linear",
     "transformer",
+    "transformer-tied",
 )
 """Names accepted by :func:`build_model`."""
 
@@ -72,7 +73,8 @@ def build_model(
     * ``"transformer"``: a causal transformer language model on token inputs ``(T,)``
       with vocabulary ``num_classes``, outputs ``(N, T, num_classes)``
       (:class:`curvlab.transformer.TransformerLM`) [``width=64``, ``depth=2``,
-      ``heads=4``].
+      ``heads=4``, ``tie_weights=False``].  ``"transformer-tied"``: the same with the
+      token embedding matrix as the head's weight (``tie_weights=True``).
 
     Args:
         name: One of :data:`MODELS`.
@@ -158,11 +160,25 @@ def _mlp(
 
 
 def _transformer(
-    shape: tuple[int, ...], num_classes: int, *, width: int = 64, depth: int = 2, heads: int = 4
+    shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    width: int = 64,
+    depth: int = 2,
+    heads: int = 4,
+    tie_weights: bool = False,
 ) -> nn.Module:
     if len(shape) != 1:
         raise OptionError(f"the transformer takes token sequences (T,), got inputs {shape}")
-    return TransformerLM(num_classes, shape[0], width=width, depth=depth, heads=heads)
+    return TransformerLM(
+        num_classes, shape[0], width=width, depth=depth, heads=heads, tie_weights=tie_weights
+    )
+
+
+def _transformer_tied(
+    shape: tuple[int, ...], num_classes: int, *, width: int = 64, depth: int = 2, heads: int = 4
+) -> nn.Module:
+    return _transformer(shape, num_classes, width=width, depth=depth, heads=heads, tie_weights=True)
 
 
 def _logreg(shape: tuple[int, ...], num_classes: int, *, bias: bool = True) -> nn.Module:
@@ -291,6 +307,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "benzing-mlp": _benzing_mlp,
     "deep-linear": _deep_linear,
     "transformer": _transformer,
+    "transformer-tied": _transformer_tied,
 }
 
 

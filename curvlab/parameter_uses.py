@@ -1,22 +1,26 @@
-"""Each captured parameter must reach the loss only through its own module's output.
+"""Each captured parameter must reach the loss only through the calls of modules that
+own it.
 
-Capture computes a layer's gradient from what the layer saw (its inputs and the
-gradient at its output).  A parameter that also enters the computation elsewhere — a
-tied decoder ``F.linear(h, self.enc.weight)``, a weight read by another module — has
-gradient contributions that capture never sees, so ``Capture.grad`` and every Fisher
-built from it would be silently wrong.  :class:`ForwardWatch` records, for each
-captured module during the capture's forward pass, the autograd nodes of its inputs, of
-its output and the size of its input's batch dimension; :meth:`ForwardWatch.check` then
-walks the autograd graph once:
+Capture computes a layer's gradient from what its modules saw (their inputs and the
+gradients at their outputs, for every call).  A parameter that also enters the
+computation elsewhere — ``F.linear(h, self.enc.weight)`` outside any module, a weight
+that feeds its own module's input — has gradient contributions that capture never sees,
+so ``Capture.grad`` and every Fisher built from it would be silently wrong.
+:class:`ForwardWatch` records, for every call of each captured module during the
+capture's forward pass, the autograd nodes of its inputs, of its output and the size of
+its input's batch dimension; :meth:`ForwardWatch.check` then walks the autograd graph
+once:
 
-* the module's *region* is everything reachable from its output node without passing
-  its input nodes (its own computation, parametrisations of its weights included);
-* every node of the region except the output must be consumed only inside the region,
-  and the module's trainable parameters must lie in it.
+* a call's *region* is everything reachable from its output node without passing its
+  input nodes (its own computation, parametrisations of its weights included);
+* every node of a region except the output must be consumed only inside that region,
+  except a parameter's leaf, which may be consumed inside the region of any call of any
+  module that owns the parameter (tied weights, a module called twice: capture reads
+  them all, :class:`~curvlab.layers.shared.SharedKind`); every owned parameter that
+  reaches the loss must lie in one of its modules' regions.
 
-A parameter (or a parametrised weight computed once and reused) that is also consumed
-outside its module violates this and is refused, naming the parameter.  A module
-called twice per forward is refused by capture's own hook.
+Any other use of a parameter (or of a parametrised weight computed once and reused
+outside its call) is refused, naming the parameter.
 """
 
 from __future__ import annotations
@@ -27,31 +31,32 @@ from torch import Tensor, nn
 
 from curvlab.errors import UnsupportedModelError
 from curvlab.independence import check_batch_first
-from curvlab.layers import LayerKind
+from curvlab.layers import ModuleKind
 
 
 class ForwardWatch:
-    """Hooks on the captured modules that note their input and output graph nodes, the
-    leading dimension of their input and which inputs have the batch size also in another
-    dimension (``ambiguous``: only a probe with another batch size tells those apart).
+    """Hooks on the captured modules that note, per call, their input and output graph
+    nodes and the leading dimension of their input, and which modules receive inputs
+    with the batch size also in another dimension (``ambiguous``: only a probe with
+    another batch size tells those apart).
 
     Use as a context manager around the capture's forward pass.  Hooks run before any
     other hook of the module (``prepend``), so they see the module's own output.
 
     Args:
-        layers: The captured layers' kinds (``name``, ``module``, ``params``).
+        modules: The captured modules' kinds (``name``, ``module``, ``params``).
     """
 
-    def __init__(self, layers: Sequence[LayerKind]):
-        self.layers = list(layers)
-        self.inputs: dict[str, set[object]] = {}
-        self.outputs: dict[str, object] = {}
-        self.leading: dict[str, int] = {}
-        self.ambiguous: list[LayerKind] = []
+    def __init__(self, modules: Sequence[ModuleKind]):
+        self.modules = list(modules)
+        self.inputs: dict[str, list[set[object]]] = {m.name: [] for m in self.modules}
+        self.outputs: dict[str, list[object]] = {m.name: [] for m in self.modules}
+        self.leading: dict[str, list[int]] = {}
+        self.ambiguous: list[ModuleKind] = []
         self._handles: list = []
 
     def __enter__(self) -> ForwardWatch:
-        for info in self.layers:
+        for info in self.modules:
             module = info.module
             self._handles.append(
                 module.register_forward_pre_hook(self._before(info), prepend=True, with_kwargs=True)
@@ -64,33 +69,30 @@ class ForwardWatch:
             h.remove()
         self._handles.clear()
 
-    def _before(self, info: LayerKind):
+    def _before(self, info: ModuleKind):
         name = info.name
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if name in self.inputs:
-                return
             xs = info.inputs(args, kwargs)
-            self.inputs[name] = {x.grad_fn for x in xs if x.grad_fn is not None}
+            self.inputs[name].append({x.grad_fn for x in xs if x.grad_fn is not None})
             d = info.batch_dim
-            self.leading[name] = xs[0].shape[d] if xs[0].dim() > d else 0
-            if any(_batch_size_repeats(x, d) for x in xs):
+            self.leading.setdefault(name, []).append(xs[0].shape[d] if xs[0].dim() > d else 0)
+            if info not in self.ambiguous and any(_batch_size_repeats(x, d) for x in xs):
                 self.ambiguous.append(info)
 
         return hook
 
-    def _after(self, info: LayerKind):
+    def _after(self, info: ModuleKind):
         name = info.name
 
         def hook(module: nn.Module, args: tuple, out: object) -> None:
-            if name not in self.outputs:
-                self.outputs[name] = info.output(out).grad_fn
+            self.outputs[name].append(info.output(out).grad_fn)
 
         return hook
 
     def check(self, model: nn.Module, output: Tensor, batch_size: int) -> None:
         """Refuse layer inputs that are not batch-first and parameters used outside
-        their module (module docstring).
+        the calls of their modules (module docstring).
 
         Args:
             model: The network (for parameter names).
@@ -103,34 +105,49 @@ class ForwardWatch:
         consumers = _consumers(output.grad_fn)
         used = {id(node.variable) for node in consumers if _is_leaf(node)}
         names = {id(p): name for name, p in model.named_parameters()}
-        for info in self.layers:
-            name = info.name
-            head = self.outputs.get(name)
-            if head is None:
-                continue
-            own = {id(p) for p in info.params}
-            region = _region(head, self.inputs.get(name, set()), own)
-            for node in region:
-                if node is head or all(c in region for c in consumers.get(node, ())):
+        regions: list[tuple[ModuleKind, object, set[object]]] = []
+        calls_of: dict[int, set[int]] = {}  # parameter id -> the calls of its modules
+        where: dict[object, set[int]] = {}  # node -> the calls whose region holds it
+        for info in self.modules:
+            for head, stop in zip(self.outputs[info.name], self.inputs[info.name]):
+                if head is None:
                     continue
-                what = (
-                    f"parameter '{names.get(id(node.variable), '?')}'"
-                    if _is_leaf(node)
-                    else f"a weight computed in module '{name}'"
-                )
-                raise UnsupportedModelError(_message(what, name))
-            inside = {id(node.variable) for node in region if _is_leaf(node)}
-            for p_id in own - inside:
-                if p_id in used:
-                    raise UnsupportedModelError(_message(f"parameter '{names[p_id]}'", name))
+                k = len(regions)
+                region = _region(head, stop, {id(p) for p in info.params})
+                regions.append((info, head, region))
+                for p in info.params:
+                    calls_of.setdefault(id(p), set()).add(k)
+                for node in region:
+                    where.setdefault(node, set()).add(k)
+        inside: set[int] = set()
+        for info, head, region in regions:
+            for node in region:
+                if node is head:
+                    continue
+                if _is_leaf(node):
+                    home = calls_of[id(node.variable)]
+                    if all(where.get(c, set()) & home for c in consumers.get(node, ())):
+                        continue
+                    what = f"parameter '{names.get(id(node.variable), '?')}'"
+                elif all(c in region for c in consumers.get(node, ())):
+                    continue
+                else:
+                    what = f"a weight computed in module '{info.name}'"
+                raise UnsupportedModelError(_message(what, info.name))
+            inside.update(id(node.variable) for node in region if _is_leaf(node))
+        for info in self.modules:
+            for p in info.params:
+                if id(p) not in inside and id(p) in used:
+                    raise UnsupportedModelError(_message(f"parameter '{names[id(p)]}'", info.name))
 
 
 def _message(what: str, module: str) -> str:
     return (
-        f"{what} is also used outside module '{module}' (e.g. a tied weight or "
-        f"F.linear(h, module.weight) elsewhere); the capture sees only the module's own "
-        "use, so its gradient would be wrong. Untie the weights (give the second use its "
-        "own parameter) or route every use through the module."
+        f"{what} is also used outside module '{module}' and the other modules that own it "
+        "(e.g. F.linear(h, module.weight) elsewhere, or a weight feeding the module's own "
+        "input); the capture sees only the modules' own calls, so its gradient would be "
+        "wrong. Route every use through a module that owns the parameter (tied weights "
+        "shared between modules are read exactly), or untie the weights."
     )
 
 
@@ -161,7 +178,7 @@ def _batch_size_repeats(x: Tensor, d: int) -> bool:
 
 
 def _region(head: object, stop: set[object], own: set[int]) -> set[object]:
-    """Nodes reachable from ``head`` without passing ``stop`` (the module's inputs) or
+    """Nodes reachable from ``head`` without passing ``stop`` (the call's inputs) or
     entering a leaf that is not one of the module's parameters (ids ``own``)."""
     region = {head}
     stack = [head]

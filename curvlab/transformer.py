@@ -5,6 +5,9 @@ token and position ``nn.Embedding`` (positions as a ``(N, T)`` index tensor, so 
 sequence has its own rows), ``nn.LayerNorm``, and ``nn.Linear`` projections around
 ``F.scaled_dot_product_attention(is_causal=True)`` (any attention kernel: capture needs
 only backward passes).  Outputs ``(N, T, vocab)`` logits, class dimension last.
+With ``tie_weights=True`` the head's weight is the token embedding matrix (the head
+keeps its own bias); curvlab reads that matrix exactly as one layer used by both
+modules (:class:`~curvlab.layers.shared.SharedKind`).
 """
 
 from __future__ import annotations
@@ -61,15 +64,27 @@ class TransformerLM(nn.Module):
         width: Model width.
         depth: Number of blocks.
         heads: Attention heads per block.
+        tie_weights: Use the token embedding matrix ``(vocab, width)`` as the head's
+            weight (``head.weight is tok.weight``; the head keeps its bias).
     """
 
-    def __init__(self, vocab: int, max_len: int, width: int = 64, depth: int = 2, heads: int = 4):
+    def __init__(
+        self,
+        vocab: int,
+        max_len: int,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        tie_weights: bool = False,
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(max_len, width)
         self.blocks = nn.Sequential(*(Block(width, heads) for _ in range(depth)))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab)
+        if tie_weights:
+            self.head.weight = self.tok.weight
 
     def forward(self, tokens: Tensor) -> Tensor:
         n, t = tokens.shape

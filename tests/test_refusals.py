@@ -1,7 +1,7 @@
 """What cannot be computed exactly is refused, never returned: samples coupled in the
-forward pass, layer inputs that are not batch-first, parameters used outside their
-module, modified losses and train-mode randomness in the diagnostics; unnormalised soft
-cross-entropy targets are handled exactly."""
+forward pass, layer inputs that are not batch-first, parameters used outside the modules
+that own them, modified losses and train-mode randomness in the diagnostics;
+unnormalised soft cross-entropy targets and modules called twice are handled exactly."""
 
 from __future__ import annotations
 
@@ -185,6 +185,20 @@ class TiedUse(nn.Module):
         return self.head(torch.tanh(F.linear(h, self.enc.weight)))
 
 
+class FunctionalHead(nn.Module):
+    """The head computes with the embedding matrix through ``F.linear`` (no module owns
+    that use); an ``nn.Linear`` whose weight is the embedding's would be read exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(self.emb(x)))
+        return F.linear(h, self.emb.weight)
+
+
 class WeightFeedsInput(nn.Module):
     """``head``'s input is computed from ``head.weight``."""
 
@@ -211,21 +225,29 @@ class Skip(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("module", "name"), [(TiedUse, "enc.weight"), (WeightFeedsInput, "head.weight")]
+    ("module", "name"),
+    [(TiedUse, "enc.weight"), (FunctionalHead, "emb.weight"), (WeightFeedsInput, "head.weight")],
 )
 def test_parameter_used_outside_module_refused(module, name):
     torch.manual_seed(0)
     model, (X, y) = module().double(), _data()
+    if module is FunctionalHead:
+        X, y = torch.randint(0, 5, (N,)), torch.randint(0, 5, (N,))
     with pytest.raises(UnsupportedModelError, match=f"parameter '{name}' is also used outside"):
         curvlab.capture(model, nn.CrossEntropyLoss(), X, y)
 
 
-def test_module_called_twice_refused():
+def test_module_called_twice_exact():
+    """A module called twice per forward is no longer refused: both calls are read
+    (tests/test_shared_parameters.py has the full checks)."""
     torch.manual_seed(0)
     lin = nn.Linear(4, 4)
-    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 3)).double()
-    with pytest.raises(UnsupportedModelError, match="more than once"):
-        curvlab.capture(model, nn.CrossEntropyLoss(), *_data())
+    model, (X, y) = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 3)).double(), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
+    R.assert_capture_grad(capt, model, loss_fn, X, y)
+    dense = curvlab.ExactFisher(capt).to_dense()
+    assert R.rel_err(dense, R.dense_ggn(model, loss_fn, X, y)) <= RTOL
 
 
 def test_skip_connection_out_of_order_accepted():

@@ -49,7 +49,7 @@ from curvlab.compare.run import (
 )
 from curvlab.data import BUILTIN_DATASETS, DATASETS, Dataset, load_dataset
 from curvlab.errors import OptionError
-from curvlab.layers import find_layers
+from curvlab.layers import layers_in_forward
 from curvlab.losses import FISHER_TYPES
 from curvlab.models import MODELS
 from curvlab.records import Record
@@ -428,7 +428,9 @@ def run(config: dict[str, Any], progress: bool = True) -> list[Record]:
         problems[spec] = {
             "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "exact_layers": [
-                i.name for i in find_layers(model) if not (i.kronecker or i.group_layouts)
+                i.name
+                for i in layers_in_forward(model, inputs)
+                if not (i.kronecker or i.group_layouts)
             ],
             **problems[spec],
         }

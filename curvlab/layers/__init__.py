@@ -1,6 +1,27 @@
 """Layer kinds: one class per kind of trainable module (:mod:`curvlab.layers.base`)."""
 
-from curvlab.layers.base import LayerKind, MatrixKind, PerSampleKind
-from curvlab.layers.discovery import KINDS, find_layers, kind_of
+from curvlab.layers.base import LayerKind, MatrixKind, ModuleCall, ModuleKind, PerSampleKind
+from curvlab.layers.discovery import (
+    KINDS,
+    find_layers,
+    kind_of,
+    layers_in_forward,
+    module_kinds,
+    share_repeated,
+)
+from curvlab.layers.shared import SharedKind
 
-__all__ = ["KINDS", "LayerKind", "MatrixKind", "PerSampleKind", "find_layers", "kind_of"]
+__all__ = [
+    "KINDS",
+    "LayerKind",
+    "MatrixKind",
+    "ModuleCall",
+    "ModuleKind",
+    "PerSampleKind",
+    "SharedKind",
+    "find_layers",
+    "kind_of",
+    "layers_in_forward",
+    "module_kinds",
+    "share_repeated",
+]

@@ -19,16 +19,25 @@ downstream branches on module types.  Two families implement it:
   gradient itself (``d_out = P_l``), computed from the captured input and output
   gradient.  Then the Gram, ``Uᵀv`` and ``U c`` formulas hold unchanged, the "input
   factor" is the scalar 1 and the "gradient factor" is the exact layer block; the
-  approximations use that exact block (``kronecker = False``).
+  approximations use that exact block (``kronecker = False``).  Shared parameters
+  (:class:`~curvlab.layers.shared.SharedKind`) are presented the same way.
 
 The flat layout (DESIGN.md) is the module's trainable parameters in registration order,
 each flattened row-major; :meth:`LayerKind.to_matrix` / :meth:`LayerKind.to_flat` map
 between a flat slice and ``W̄``.
+
+A layer reads the recorded calls of its *uses* (:attr:`LayerKind.uses`): a
+:class:`ModuleKind` is one module called once per forward pass (its only use is itself);
+parameters used by several modules or module calls (tied weights, a block applied twice)
+form one :class:`~curvlab.layers.shared.SharedKind` whose per-sample gradients are the
+sums over those calls (:meth:`ModuleKind.sample_gradients`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -190,6 +199,65 @@ class LayerKind(Layout):
         groups' slices, one after the other."""
         return None
 
+    # -- reading a capture ---------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def uses(self) -> list[ModuleKind]:
+        """The module kinds whose calls this layer reads (the capture records every call
+        of their modules)."""
+
+    @abstractmethod
+    def read_calls(
+        self, calls: Sequence[ModuleCall]
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """The rows ``ā`` and output rows of one capture from the calls of :attr:`uses`
+        (and, for a layer with :attr:`group_layouts`, the rows per group, as
+        :meth:`ModuleKind.read_grouped`).
+
+        Args:
+            calls: Every recorded call of the modules of :attr:`uses`, with their
+                output-gradients.
+
+        Returns:
+            ``ā`` ``(N, T, d_in_h)``, the output rows ``(B, N, T, d_out)`` and the
+            groups' rows or ``None``.
+        """
+
+    @abstractmethod
+    def locations(self, out: Tensor) -> tuple[int, ...]:
+        """Shape of the ``T`` locations for the output ``out`` of a use's call."""
+
+
+@dataclass
+class ModuleCall:
+    """One recorded call of a captured module.
+
+    Attributes:
+        kind: The module's kind.
+        x: What :meth:`ModuleKind.record` kept of the call (by default its detached input).
+        out: The call's output tensor (:meth:`ModuleKind.output`; attached to the graph:
+            the backward's target).
+        grads: ``B`` backpropagated output-gradients ``(B, *out.shape)`` (the gradient
+            column first, then the Fisher columns), once the backward has run.
+    """
+
+    kind: ModuleKind
+    x: object
+    out: Tensor
+    grads: Tensor | None = None
+
+
+class ModuleKind(LayerKind):
+    """One module called once per forward pass, read from that call."""
+
+    #: Peak memory of :meth:`sample_gradients` in units of its result.
+    memory_factor: int = 1
+
+    @property
+    def uses(self) -> list[ModuleKind]:
+        return [self]
+
     # -- the module's call ---------------------------------------------------------------
 
     @property
@@ -255,12 +323,26 @@ class LayerKind(Layout):
         a, rows = self.read(x, out, grads)
         return a, rows, None
 
-    @abstractmethod
-    def locations(self, out: Tensor) -> tuple[int, ...]:
-        """Shape of the ``T`` locations for the module output ``out``."""
+    def read_calls(
+        self, calls: Sequence[ModuleCall]
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        if len(calls) != 1:
+            raise UnsupportedModelError(
+                f"module '{self.name}' ({type(self.module).__name__}) was called "
+                f"{len(calls)} times but is read as a single call."
+            )
+        (call,) = calls
+        return self.read_grouped(call.x, call.out, call.grads)
+
+    def sample_gradients(self, x: Tensor, out: Tensor, grads: Tensor) -> Tensor:
+        """``(B, N, num_params)``: the gradient of ``Σ grads[b, n] · out[n]`` w.r.t. this
+        module's parameters for every column ``b`` and sample ``n`` of one call, in its
+        flat-layout order (``Σ_t e_bnt ā_ntᵀ`` as a flat slice)."""
+        a, rows = self.read(x, out, grads)
+        return self.to_flat(torch.einsum("bnto,ntk->bnok", rows, a))
 
 
-class MatrixKind(LayerKind):
+class MatrixKind(ModuleKind):
     """A layer computing ``W̄ ā_nt`` at every location: weight ``(d_out, ...)`` and an
     optional bias; ``ā`` from :meth:`unfold`, output rows from :meth:`output_rows`."""
 
@@ -298,7 +380,7 @@ class MatrixKind(LayerKind):
         return self.unfold(x), self.output_rows(grads)
 
 
-class PerSampleKind(LayerKind):
+class PerSampleKind(ModuleKind):
     """A layer read through its per-(sample, column) gradients (``ā = 1``, ``T = 1``).
 
     Subclasses implement :meth:`per_sample_gradients`; :meth:`read` checks their size
@@ -331,6 +413,9 @@ class PerSampleKind(LayerKind):
         self.check_budget(grads.shape[0], grads.shape[1 + self.batch_dim], grads.element_size())
         return self.as_rows(self.per_sample_gradients(x, out, grads))
 
+    def sample_gradients(self, x: Tensor, out: Tensor, grads: Tensor) -> Tensor:
+        return self.per_sample_gradients(x, out, grads)
+
     def as_rows(self, psg: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample gradients ``(B, N, P_l)`` -> ``ā = 1`` ``(N, 1, 1)`` and output rows
         ``(B, N, 1, P_l)``."""
@@ -350,6 +435,3 @@ class PerSampleKind(LayerKind):
                 "(one column per sample), freeze the module, or raise "
                 "curvlab.config.options.memory_budget."
             )
-
-    #: Peak memory of :meth:`per_sample_gradients` in units of its result.
-    memory_factor: int = 1

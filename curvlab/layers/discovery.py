@@ -8,17 +8,22 @@ with trainable parameters — custom modules, raw ``nn.Parameter``s, parametrise
 (``torch.nn.utils.parametrize``, ``weight_norm``, ``spectral_norm``), a matrix layer
 whose weight is frozen but whose bias trains — takes the exact generic path
 (:class:`~curvlab.layers.generic.GenericKind`).  Convolutions with ``groups > 1`` take
-:class:`~curvlab.layers.conv.GroupedConvKind`.
+:class:`~curvlab.layers.conv.GroupedConvKind`.  Parameters that several modules use
+(tied weights), and the parameters of a module the forward pass calls more than once,
+are read through all their calls (:class:`~curvlab.layers.shared.SharedKind`).
 """
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from curvlab.errors import UnsupportedModelError
 from curvlab.layers.attention import AttentionKind
-from curvlab.layers.base import LayerKind, MatrixKind
+from curvlab.layers.base import LayerKind, MatrixKind, ModuleKind
 from curvlab.layers.conv import ConvKind, GroupedConvKind
 from curvlab.layers.elementwise import (
     BatchNormKind,
@@ -30,8 +35,9 @@ from curvlab.layers.elementwise import (
 from curvlab.layers.embedding import EmbeddingKind
 from curvlab.layers.generic import GenericKind
 from curvlab.layers.linear import LinearKind
+from curvlab.layers.shared import SharedKind
 
-KINDS: dict[type[nn.Module], type[LayerKind]] = {
+KINDS: dict[type[nn.Module], type[ModuleKind]] = {
     nn.Linear: LinearKind,
     nn.Embedding: EmbeddingKind,
     nn.Conv1d: ConvKind,
@@ -70,7 +76,7 @@ _PARAMETERS: dict[type[nn.Module], set[str]] = {
 }
 
 
-def kind_of(module: nn.Module) -> type[LayerKind]:
+def kind_of(module: nn.Module) -> type[ModuleKind]:
     """The kind class for ``module`` (:data:`KINDS`, else :class:`GenericKind`)."""
     if parametrize.is_parametrized(module):
         return GenericKind
@@ -99,16 +105,51 @@ def _keeps_computation(module: nn.Module, base: type[nn.Module]) -> bool:
 
 
 def find_layers(model: nn.Module) -> list[LayerKind]:
-    """The modules of ``model`` with trainable parameters, as kinds in flat-layout order.
+    """The trainable parameters of ``model`` as layers (kinds) in flat-layout order.
+
+    A module whose parameters no other module uses is one layer of its kind.  Parameters
+    that several modules use (tied weights) form :class:`SharedKind` layers: each takes
+    the parameters that ``model.parameters()`` lists under one module (those it
+    registers first) and reads every module using them.  A module called more than once
+    per forward pass is found by the capture (:func:`share_repeated`).
 
     Raises:
-        UnsupportedModelError: parameters shared between modules, a changed
-            ``nn.MultiheadAttention`` with trainable parameters, no trainable parameter at
-            all, or a registration order that differs from ``model.parameters()``.
+        UnsupportedModelError: a changed ``nn.MultiheadAttention`` with trainable
+            parameters, no trainable parameter at all, or a registration order that
+            differs from ``model.parameters()``.
     """
+    kinds = module_kinds(model)
+    users: dict[int, int] = {}
+    for info in kinds:
+        for p in info.params:
+            users[id(p)] = users.get(id(p), 0) + 1
     layers: list[LayerKind] = []
     offset = 0
-    seen: set[int] = set()
+    owned: set[int] = set()
+    for info in kinds:
+        if all(users[id(p)] == 1 for p in info.params):
+            info.offset = offset
+            layer: LayerKind = info
+        else:
+            mine = [p for p in info.params if id(p) not in owned]
+            if not mine:
+                continue
+            ids = {id(p) for p in mine}
+            uses = [k for k in kinds if any(id(p) in ids for p in k.params)]
+            layer = SharedKind(info.name, info.module, offset, mine, uses)
+        owned.update(id(p) for p in layer.params)
+        layers.append(layer)
+        offset += layer.num_params
+    if not layers:
+        raise UnsupportedModelError("the model has no trainable parameter to analyse.")
+    _check_parameter_order(model, layers)
+    return layers
+
+
+def module_kinds(model: nn.Module) -> list[ModuleKind]:
+    """Every module of ``model`` with trainable parameters as its kind, in registration
+    order (offsets 0: :func:`find_layers` lays them out)."""
+    kinds: list[ModuleKind] = []
     covered: list[str] = []  # prefixes of submodules whose parameters a kind already owns
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in covered):
@@ -130,22 +171,50 @@ def find_layers(model: nn.Module) -> list[LayerKind]:
             covered.append(f"{name}." if name else "")
         elif parametrize.is_parametrized(module):
             covered.append(f"{name}.parametrizations." if name else "parametrizations.")
-        info = kind_cls(name, module, offset)
-        if not info.params:
-            continue
-        for p in info.params:
-            if id(p) in seen:
-                raise UnsupportedModelError(
-                    f"{label} shares a parameter with another module; tied weights are "
-                    "not supported."
-                )
-            seen.add(id(p))
-        layers.append(info)
-        offset += info.num_params
-    if not layers:
-        raise UnsupportedModelError("the model has no trainable parameter to analyse.")
-    _check_parameter_order(model, layers)
-    return layers
+        info = kind_cls(name, module, 0)
+        if info.params:
+            kinds.append(info)
+    return kinds
+
+
+def share_repeated(layers: list[LayerKind], calls: Mapping[str, int]) -> list[LayerKind]:
+    """``layers`` with every single-module layer whose module was called more than once
+    (``calls``: module name -> calls in the forward pass) read as a :class:`SharedKind`
+    of those calls (same parameters, same flat-layout slice)."""
+    return [
+        SharedKind(info.name, info.module, info.offset, info.params, [info])
+        if isinstance(info, ModuleKind) and calls.get(info.name, 0) > 1
+        else info
+        for info in layers
+    ]
+
+
+def layers_in_forward(model: nn.Module, inputs: Tensor) -> list[LayerKind]:
+    """:func:`find_layers` with the modules that ``model(inputs)`` calls more than once
+    read as shared layers, as :func:`curvlab.capture` reads them (one forward pass
+    without autograd; buffers such as BatchNorm running statistics restored)."""
+    layers = find_layers(model)
+    calls: dict[str, int] = {}
+
+    def counter(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls[name] = calls.get(name, 0) + 1
+
+        return hook
+
+    uses = {use.name: use for info in layers for use in info.uses}
+    handles = [use.module.register_forward_pre_hook(counter(name)) for name, use in uses.items()]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return share_repeated(layers, calls)
 
 
 def _check_parameter_order(model: nn.Module, layers: list[LayerKind]) -> None:

@@ -74,6 +74,18 @@ class EmbeddingKind(MatrixKind):
             a[..., self.module.padding_idx] = 0.0
         return a
 
+    def sample_gradients(self, x: Tensor, out: Tensor, grads: Tensor) -> Tensor:
+        """``(B, N, V·d)``: each column's output-gradients scattered into the rows of the
+        tokens they belong to (no one-hot rows); the padding row stays zero."""
+        idx = x.reshape(x.shape[0], -1).long()  # (N, T)
+        rows = self.output_rows(grads)  # (B, N, T, d)
+        b, n, t, d = rows.shape
+        out_rows = rows.new_zeros(b, n, self.d_in, d)
+        out_rows.scatter_add_(2, idx.view(1, n, t, 1).expand(b, n, t, d), rows)
+        if self.module.padding_idx is not None:
+            out_rows[:, :, self.module.padding_idx] = 0.0
+        return out_rows.reshape(b, n, -1)
+
     def output_rows(self, g: Tensor) -> Tensor:
         return g.reshape(*g.shape[:2], -1, g.shape[-1])
 

@@ -166,7 +166,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------
 
     def _capture(self, inputs: Tensor, targets: Tensor) -> Capture:
-        return capture(
+        capt = capture(
             self.model,
             self.loss_fn,
             inputs,
@@ -175,6 +175,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             mc_samples=self.mc_samples,
             generator=self.generator,
         )
+        # the capture knows which modules the forward pass calls repeatedly (read as
+        # shared layers, same parameters and layout)
+        self.layers = [lc.info for lc in capt.layers]
+        return capt
 
     def _gradient(self, inputs: Tensor, targets: Tensor) -> tuple[float, Tensor]:
         """Loss and flat gradient from a plain forward/backward (no hooks)."""
