@@ -6,6 +6,10 @@
 * ``exact_coarse_fisher`` equals ``Z F Zᵀ`` of the dense Fisher (any ``T``).
 * One TwoLevelKFAC step equals ``−lr [KFAC⁻¹ g + Zᵀ(F_c + λI)⁻¹ Z g]`` with dense
   references for both damping modes.
+* ``term_norms`` are the norms of the step's two terms, ``‖KFAC⁻¹ g‖`` and
+  ``‖Zᵀ(F_c + λD)⁻¹ Z g‖``, against the same dense references.
+* In float32, the coarse matrix of a deep batch-norm network is positive semi-definite
+  to float64 rounding (its Grams are formed in float64).
 * Repeated inversions with unchanged statistics give the same coarse matrix (the
   public reference code symmetrises its persistent buffer in place, so there the
   off-diagonals grow 1 → 2.5 → 4.75 → 8.1).
@@ -21,6 +25,7 @@ import torch
 from conftest import build_problem
 
 import curvlab
+from curvlab.errors import OptionError
 from curvlab.optim import TwoLevelKFAC, exact_coarse_fisher, kfac_coarse_fisher
 from curvlab.optim.coarse import prolong, restrict
 
@@ -121,7 +126,8 @@ def test_step_equals_dense_formula(damping_mode, loss_name, coarse_damping):
     eye = torch.eye(len(ref.records), dtype=torch.float64)
     damp = eye if coarse_damping == "paper" else Z @ Z.T
     coarse = Z.T @ torch.linalg.solve(F_c + lam * damp, Z @ g)
-    expect = -lr * (kfac_inverse_dense(ref.records, ref.scale, lam, damping_mode) @ g + coarse)
+    fine = kfac_inverse_dense(ref.records, ref.scale, lam, damping_mode) @ g
+    expect = -lr * (fine + coarse)
 
     model = copy.deepcopy(prob.model)
     before = flat_params(model)
@@ -134,9 +140,14 @@ def test_step_equals_dense_formula(damping_mode, loss_name, coarse_damping):
         fisher="exact",
         coarse_damping=coarse_damping,
     )
+    with pytest.raises(OptionError, match="after a step"):
+        _ = opt.term_norms
     opt.step(prob.X, prob.y)
     assert R.rel_err(flat_params(model) - before, expect) < TOL
     assert R.rel_err(opt.coarse_matrix, F_c) < 1e-12
+    kfac_norm, coarse_norm = opt.term_norms
+    assert kfac_norm == pytest.approx(float(fine.norm()), rel=TOL)
+    assert coarse_norm == pytest.approx(float(coarse.norm()), rel=TOL)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.95])
@@ -162,3 +173,22 @@ def test_coarse_matrix_does_not_accumulate(decay):
             assert torch.equal(F_c, seen[0])
         assert R.rel_err(F_c, fresh) < 1e-13
         assert torch.equal(F_c, F_c.T)
+
+
+def test_coarse_matrix_psd_in_float32_deep_batchnorm():
+    """A 32-layer width-10 network with train-mode BatchNorm in float32: ``F_c`` spans
+    orders of magnitude; Grams formed in float32 leave an eigenvalue of about -1e-7
+    (-7e-12 of the largest), far beyond float64 rounding."""
+    torch.manual_seed(0)
+    hidden = [
+        m
+        for _ in range(31)
+        for m in (torch.nn.Linear(10, 10, bias=False), torch.nn.BatchNorm1d(10))
+    ]
+    model = torch.nn.Sequential(*hidden, torch.nn.Linear(10, 1, bias=False))
+    x = torch.randn(512, 10)
+    y = (x[:, :1] > 0).float()
+    capt = curvlab.capture(model, torch.nn.BCEWithLogitsLoss(), x, y, fisher="mc")
+    F_c = kfac_coarse_fisher(capt)
+    assert F_c.dtype == torch.float64
+    assert torch.linalg.eigvalsh(F_c).min() > -1e-13 * torch.linalg.eigvalsh(F_c).max()

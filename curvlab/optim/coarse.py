@@ -16,7 +16,9 @@ location, ``σ_nt,l = 1·ā_nt,l`` (input sum, homogeneous 1 included) and
   locations, so layers are coupled only when they have the same number of locations
   ``T`` (all MLP layers have ``T = 1``); pairs with different ``T`` get ``F_c[i,j] = 0``
   (no down-sampling).  Each group of equal ``T`` is a Hadamard product of two Gram
-  matrices, so ``F_c`` is positive semi-definite.
+  matrices, so ``F_c`` is positive semi-definite.  The Grams are formed in float64 from
+  the per-location sums: on deep float32 networks, float32 Grams left clearly negative
+  eigenvalues, and ``F_c + λI`` failed its Cholesky at damping 1e-2.
 
 Both matrices are ``L x L`` in float64, rows in layer (flat-layout) order.
 """
@@ -59,10 +61,11 @@ def coarse_factors(capt: Capture) -> tuple[Tensor, Tensor]:
     for idx in groups.values():
         sig = torch.stack([sums[i][0] for i in idx], dim=-1).reshape(-1, len(idx))
         rho = torch.stack([sums[i][1] for i in idx], dim=-1).reshape(-1, len(idx))
+        sig, rho = sig.to(SOLVE_DTYPE), rho.to(SOLVE_DTYPE)
         rows = torch.tensor(idx, device=capt.device)
         block = (rows.unsqueeze(1), rows.unsqueeze(0))
-        a_c[block] = (sig.T @ sig).to(SOLVE_DTYPE) / sig.shape[0]
-        g_c[block] = capt.scale * (rho.T @ rho).to(SOLVE_DTYPE)
+        a_c[block] = (sig.T @ sig) / sig.shape[0]
+        g_c[block] = capt.scale * (rho.T @ rho)
     return a_c, g_c
 
 

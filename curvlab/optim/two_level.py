@@ -12,6 +12,7 @@ nothing is symmetrised or accumulated in place, so repeated inversions with unch
 statistics give the same coarse matrix.  The ``L x L`` Cholesky is redone per step.  The coarse
 system is damped with the same ``λ`` as the blocks, ``F_c + λI`` (paper, App. A), or
 consistently with them, ``F_c + λ Z Zᵀ`` (``coarse_damping="consistent"``).
+:attr:`TwoLevelKFAC.term_norms` gives the norms of the two terms of each step.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 from torch import Tensor
 
 from curvlab.capture import Capture
-from curvlab.errors import SingularMatrixError
+from curvlab.errors import OptionError, SingularMatrixError
 from curvlab.numerics import SOLVE_DTYPE, check_choice, check_finite
+from curvlab.optim.base import GLOBAL
 from curvlab.optim.coarse import coarse_factors, prolong, restrict
 from curvlab.optim.kfac import KFAC
 from curvlab.optim.kronecker import StatKey
@@ -79,6 +81,20 @@ class TwoLevelKFAC(KFAC):
         a_c, g_c = coarse_factors(capt)
         return {**super()._statistics(capt), (None, "A_coarse"): a_c, (None, "G_coarse"): g_c}
 
+    @property
+    def term_norms(self) -> tuple[float, float]:
+        """``(‖KFAC⁻¹ g‖, ‖Zᵀ(F_c + λD)⁻¹ Z g‖)`` of the last step's gradient ``g``: the
+        Euclidean norms of the two terms of its direction, before KL clipping, weight
+        decay and momentum (which scale or smooth their sum)."""
+        state = self.state[GLOBAL]
+        if "coarse_term_norm" not in state:
+            raise OptionError("term_norms exist only after a step; call step() first.")
+        return state["kfac_term_norm"], state["coarse_term_norm"]
+
     def _precondition(self, grad: Tensor, group: dict[str, Any]) -> Tensor:
         fine = super()._precondition(grad, group)
-        return fine + self.coarse_correction(grad, group["damping"]).to(fine.device)
+        coarse = self.coarse_correction(grad, group["damping"]).to(fine.device)
+        state = self.state[GLOBAL]
+        state["kfac_term_norm"] = float(fine.to(SOLVE_DTYPE).norm())
+        state["coarse_term_norm"] = float(coarse.to(SOLVE_DTYPE).norm())
+        return fine + coarse
