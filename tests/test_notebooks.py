@@ -29,20 +29,7 @@ def test_notebooks_exist():
     assert len(NOTEBOOKS) >= 4, f"expected the issue's notebooks in {NOTEBOOK_DIR}"
 
 
-NOT_YET_RERUN = {"03_two_level_kfac"}
-"""Notebooks whose full-mode run is still to be stored (see notebooks/FINDINGS.md)."""
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="full-mode run pending"))
-        if p.stem in NOT_YET_RERUN
-        else p
-        for p in NOTEBOOKS
-    ],
-    ids=[p.stem for p in NOTEBOOKS],
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_stored_with_outputs(path: Path):
     """Notebooks are stored executed (full mode), so figures and tables show when opened:
     every code cell ran, in order, without an error, and some cell shows a figure."""
