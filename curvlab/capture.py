@@ -245,7 +245,10 @@ def capture(
 
     saved: dict[str, list[ModuleCall]] = {use.name: [] for use in uses}
     handles = [
-        use.module.register_forward_hook(_recorder(use, saved), with_kwargs=True) for use in uses
+        # first among the module's forward hooks: it sees the module's own output, and
+        # hooks of the user's that change the output act downstream of it
+        use.module.register_forward_hook(_recorder(use, saved), with_kwargs=True, prepend=True)
+        for use in uses
     ]
     try:
         with torch.enable_grad(), ForwardWatch(uses) as watch:

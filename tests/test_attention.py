@@ -5,12 +5,14 @@ Linear MLP, Linear head) with batch_first True and False, a causal ``attn_mask``
 ``key_padding_mask`` that differs per sample, attention weights requested or not, the
 ``is_causal`` hint; an ``nn.TransformerEncoderLayer``; cross-attention with separate
 ``kdim``/``vdim`` projections, ``bias_k``/``bias_v``, ``add_zero_attn`` and a per-sample
-3-D float mask, with ``key is value`` and with three different inputs.  Loss: token-level
-cross-entropy with ignored targets.  References: dense float64 ``torch.func`` Jacobians
+3-D float mask, with ``key is value`` and with three different inputs, and the same with
+one packed in-projection (Kronecker layers).  Loss: token-level cross-entropy with
+ignored targets.  References: dense float64 ``torch.func`` Jacobians
 and loss Hessians of the whole batch (tests/sequence_reference.py), no curvlab code:
 ``grad``, ``to_dense``, ``mv``, ``solve``, ``natural_gradient``, ``trace``, relative
 error ≤ RTOL = 1e-8; the exact GGN against curvlinops' ``GGNLinearOperator`` (math
-attention kernel).
+attention kernel); KFAC (expand, reduce), EKFAC and FOOF of the packed projections
+against the same attention written from ``nn.Linear`` layers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import curvlab
 from curvlab.errors import UnsupportedModelError
 from curvlab.independence import random_modules
 from curvlab.layers import find_layers
-from curvlab.layers.attention import AttentionKind
+from curvlab.layers.attention import AttentionKind, InProjectionKind, OutProjectionKind
 
 N, T, S_LEN, V, E, H = 3, 5, 4, 7, 8, 2
 PAD = 0
@@ -81,19 +83,30 @@ class CrossAttentionLM(nn.Module):
     """Tokens ``(N, T + S)``: the first ``T`` are queried, the last ``S`` are the source.
 
     Cross-attention with ``kdim = 6`` (source embedding) and ``vdim = 6`` (``key is
-    value``) or ``vdim = 5`` (a Linear of the source: three different inputs),
+    value``) or ``vdim = 5`` (a Linear of the source: three different inputs), or with
+    ``kdim = vdim = E`` (``packed``: one ``in_proj_weight``, frozen ``bias_k``/``bias_v``),
     ``bias_k``/``bias_v``, ``add_zero_attn``, and a per-sample float mask of shape
     ``(N·heads, T, S)`` made from the tokens; attention weights per head returned."""
 
-    def __init__(self, batch_first: bool, shared_kv: bool):
+    def __init__(self, batch_first: bool, shared_kv: bool, packed: bool = False):
         super().__init__()
-        vdim = 6 if shared_kv else 5
+        kdim = E if packed else 6
+        vdim = kdim if shared_kv else (E if packed else 5)
         self.tok = nn.Embedding(V, E)
-        self.src = nn.Embedding(V, 6)
-        self.val = None if shared_kv else nn.Linear(6, vdim)
+        self.src = nn.Embedding(V, kdim)
+        self.val = None if shared_kv else nn.Linear(kdim, vdim)
         self.attn = nn.MultiheadAttention(
-            E, H, kdim=6, vdim=vdim, add_bias_kv=True, add_zero_attn=True, batch_first=batch_first
+            E,
+            H,
+            kdim=kdim,
+            vdim=vdim,
+            add_bias_kv=True,
+            add_zero_attn=True,
+            batch_first=batch_first,
         )
+        if packed:  # frozen bias_k/bias_v: the packed in-projection is a Kronecker layer
+            self.attn.bias_k.requires_grad_(False)
+            self.attn.bias_v.requires_grad_(False)
         self.head = nn.Linear(E, V)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -116,6 +129,8 @@ MODELS = {
     "encoder-layer": EncoderLM,
     "cross-seq-first": lambda: CrossAttentionLM(batch_first=False, shared_kv=True),
     "cross-three-inputs": lambda: CrossAttentionLM(batch_first=True, shared_kv=False),
+    "cross-packed-seq-first": lambda: CrossAttentionLM(False, shared_kv=True, packed=True),
+    "cross-packed-three-inputs": lambda: CrossAttentionLM(True, shared_kv=False, packed=True),
 }
 
 
@@ -146,7 +161,8 @@ def test_attention_models_against_dense(name):
     model, x, y = _build(name)
     loss_fn = nn.CrossEntropyLoss()
     capt = curvlab.capture(model, loss_fn, x, y, fisher="exact")
-    assert any(isinstance(lc.info, AttentionKind) for lc in capt.layers)
+    kinds = {type(lc.info) for lc in capt.layers}
+    assert kinds & {AttentionKind, InProjectionKind}
     assert capt.coupling is None
     g_ref = _reference_gradient(model, loss_fn, x, y)
     assert R.rel_err(capt.grad, g_ref) <= RTOL
@@ -194,9 +210,9 @@ def test_attention_parameters_in_model_order():
 
 
 def test_approximations_use_the_exact_attention_block():
-    """KFAC, EKFAC, FOOF: the attention layer has no Kronecker factors and gets its exact
-    block; the other layers keep theirs."""
-    model, x, y = _build("self-batch-first")
+    """KFAC, EKFAC, FOOF: attention with separate q/k/v projections and bias_k/bias_v
+    has no Kronecker factors and gets its exact block; the other layers keep theirs."""
+    model, x, y = _build("cross-three-inputs")
     loss_fn = nn.CrossEntropyLoss()
     capt = curvlab.capture(model, loss_fn, x, y, fisher="exact")
     ref = S.dense_ggn(model, loss_fn, x, y)
@@ -212,6 +228,52 @@ def test_approximations_use_the_exact_attention_block():
         assert R.rel_err(obj.blocks["attn"].to_dense(), block) <= RTOL
         assert R.rel_err(obj.solve(v, 0.1)[s], torch.linalg.solve(block + 0.1 * eye, v[s])) <= RTOL
         assert torch.isfinite(obj.solve(capt.grad, 0.1)).all()
+
+
+class LinearTwin(nn.Module):
+    """``SelfAttentionLM`` with attention written from ``nn.Linear`` projections around
+    ``F.scaled_dot_product_attention`` (same parameters, same layout)."""
+
+    def __init__(self, model: SelfAttentionLM):
+        super().__init__()
+        self.tok = model.tok
+        self.in_proj = nn.Linear(E, 3 * E, dtype=torch.float64)
+        self.out_proj = nn.Linear(E, E, dtype=torch.float64)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(model.attn.in_proj_weight)
+            self.in_proj.bias.copy_(model.attn.in_proj_bias)
+            self.out_proj.weight.copy_(model.attn.out_proj.weight)
+            self.out_proj.bias.copy_(model.attn.out_proj.bias)
+        self.mlp, self.head = model.mlp, model.head
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n, t = tokens.shape
+        h = self.tok(tokens)
+        q, k, v = self.in_proj(h).view(n, t, 3, H, E // H).permute(2, 0, 3, 1, 4)
+        allowed = ~(_causal(t) | (tokens == PAD)[:, None, None, :])  # (N, 1, T, T)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        h = h + self.out_proj(a.transpose(1, 2).reshape(n, t, E))
+        return self.head(self.mlp(h))
+
+
+@pytest.mark.parametrize("name", ["self-batch-first", "self-seq-first-weights"])
+def test_attention_projections_are_kronecker_layers(name):
+    """A packed in-projection and out_proj are two Kronecker layers; their KFAC / EKFAC /
+    FOOF equal those of the same attention written from nn.Linear layers (whose factors
+    tests/test_kfac.py checks against dense references), for both KFAC approximations."""
+    model, x, y = _build(name)
+    twin = LinearTwin(model)
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, x, y, fisher="exact")
+    assert [type(lc.info) for lc in capt.layers][1:3] == [InProjectionKind, OutProjectionKind]
+    assert [lc.name for lc in capt.layers][1:3] == ["attn", "attn.out_proj"]
+    capt_twin = curvlab.capture(twin, loss_fn, x, y, fisher="exact")
+    assert R.rel_err(capt.grad, capt_twin.grad) <= RTOL
+    objs = [(curvlab.FOOF, {})] + [(curvlab.EKFAC, {})]
+    objs += [(curvlab.KFAC, {"kfac_approx": a}) for a in ("expand", "reduce")]
+    for cls, kw in objs:
+        got, want = cls(capt, **kw).to_dense(), cls(capt_twin, **kw).to_dense()
+        assert R.rel_err(got, want) <= RTOL, (cls.__name__, kw)
 
 
 def test_attention_ggn_matches_curvlinops():
@@ -325,3 +387,16 @@ def test_compare_runs_on_attention():
     )
     assert {r.method for r in records} >= set(methods)
     assert all(torch.isfinite(torch.tensor(float(r.value))) for r in records)
+
+
+@pytest.mark.parametrize("name", ["self-batch-first", "cross-three-inputs"])
+def test_forward_hook_on_attention(name):
+    """A user's forward hook that rescales ``attn_output`` acts downstream of the module;
+    curvlab's recomputations from the recorded call do not run it."""
+    model, x, y = _build(name)
+    model.attn.register_forward_hook(lambda m, args, out: (1.5 * out[0], out[1]))
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, x, y, fisher="exact")
+    assert R.rel_err(capt.grad, _reference_gradient(model, loss_fn, x, y)) <= RTOL
+    ref = S.dense_ggn(model, loss_fn, x, y)
+    assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), ref) <= RTOL

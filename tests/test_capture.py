@@ -259,3 +259,19 @@ def test_conv_unfold_matches_im2col(conv, channels_last):
     out = conv(x).flatten(2).transpose(1, 2)
     w_bar = info.to_matrix(torch.cat([p.detach().reshape(-1) for p in conv.parameters()]))
     assert torch.allclose(got @ w_bar.T, out, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_hooks_that_change_a_layer_output():
+    """A user's forward hook that rescales a captured layer's output (returned or in
+    place) is part of the model downstream of the layer: the gradient and the exact
+    Fisher follow the model with its hooks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model[0].register_forward_hook(lambda m, args, out: 2 * out)
+    model[2].register_forward_hook(lambda m, args, out: out.mul_(0.5))
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
+    assert R.rel_err(capt.grad, R.batch_gradient(model, loss_fn, X, y)) <= RTOL
+    dense = R.dense_ggn(model, loss_fn, X, y)
+    assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), dense) <= RTOL

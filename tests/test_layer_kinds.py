@@ -328,9 +328,13 @@ class _OwnAttention(nn.MultiheadAttention):
 
 
 def test_multihead_attention_kind():
-    """nn.MultiheadAttention is one layer owning out_proj (tests/test_attention.py); a
-    subclass with its own forward is refused with a curvlab error."""
+    """nn.MultiheadAttention: in-projection and out_proj layers when packed, one exact
+    layer otherwise (tests/test_attention.py); a subclass with its own forward is refused
+    with a curvlab error."""
     model = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True))
+    kinds = [(i.name, type(i).__name__) for i in find_layers(model)]
+    assert kinds == [("0", "InProjectionKind"), ("0.out_proj", "OutProjectionKind")]
+    model = nn.Sequential(nn.MultiheadAttention(4, 2, kdim=3, batch_first=True))
     assert [(i.name, type(i).__name__) for i in find_layers(model)] == [("0", "AttentionKind")]
     model = nn.Sequential(_OwnAttention(4, 2, batch_first=True), nn.Linear(4, 3))
     x, y = torch.randn(2, 5, 4), torch.randint(0, 3, (2, 5))

@@ -108,9 +108,15 @@ def _data(n: int = 6, d: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 def _owner_blocks(model: nn.Module) -> list[int]:
     """Sizes of the diagonal blocks: the parameters ``model.named_parameters()`` lists
-    under each module (an ``nn.MultiheadAttention`` with its ``out_proj``), in order
+    under each module (an ``nn.MultiheadAttention`` with separate q/k/v projections or
+    trainable ``bias_k``/``bias_v`` together with its ``out_proj``), in order
     (independent of curvlab's layer discovery)."""
-    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    attention = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        and (not m._qkv_same_embed_dim or m.bias_k is not None and m.bias_k.requires_grad)
+    ]
     sizes: dict[str, int] = {}
     for name, p in R.trainable_params(model).items():
         owner = name.rsplit(".", 1)[0] if "." in name else ""

@@ -186,6 +186,12 @@ class LayerKind(Layout):
     def __init__(self, name: str, module: nn.Module, offset: int):
         self.name, self.module, self.offset = name, module, offset
 
+    @classmethod
+    def layers(cls, name: str, module: nn.Module, offset: int) -> list[LayerKind]:
+        """The layers ``module`` is read as, from flat offset ``offset`` on: by default
+        one of this kind (kinds of several layers, e.g. attention's projections, split)."""
+        return [cls(name, module, offset)]
+
     @property
     @abstractmethod
     def params(self) -> list[nn.Parameter]:

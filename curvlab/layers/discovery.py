@@ -3,7 +3,8 @@
 A module of a registered type gets that type's kind; a subclass of one only when it
 computes what the kind assumes (it overrides neither ``forward`` nor the functional
 core, and its trainable tensors are its plain ``weight``/``bias``, or for
-``nn.MultiheadAttention`` its projections and ``bias_k``/``bias_v``).  Everything else
+``nn.MultiheadAttention`` its projections and ``bias_k``/``bias_v``; a kind may read one
+module as several layers, :meth:`~curvlab.layers.base.LayerKind.layers`).  Everything else
 with trainable parameters — custom modules, raw ``nn.Parameter``s, parametrised layers
 (``torch.nn.utils.parametrize``, ``weight_norm``, ``spectral_norm``), a matrix layer
 whose weight is frozen but whose bias trains — takes the exact generic path
@@ -171,9 +172,7 @@ def module_kinds(model: nn.Module) -> list[ModuleKind]:
             covered.append(f"{name}." if name else "")
         elif parametrize.is_parametrized(module):
             covered.append(f"{name}.parametrizations." if name else "parametrizations.")
-        info = kind_cls(name, module, 0)
-        if info.params:
-            kinds.append(info)
+        kinds.extend(info for info in kind_cls.layers(name, module, 0) if info.params)
     return kinds
 
 
