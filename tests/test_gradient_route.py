@@ -70,3 +70,47 @@ def _block_mask(capt) -> torch.Tensor:
     for lc in capt.layers:
         mask[lc.info.slice, lc.info.slice] = 1
     return mask
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical", "exact"])
+def test_kept_per_sample_gradients_match_the_contractions(fisher, monkeypatch):
+    """Conv layers whose Gram goes through their per-sample gradients keep them (when no
+    larger than their patches) and use them for ``Uᵀv``, ``U c`` and the natural
+    gradient; the results equal the dense float64 reference and the route that contracts
+    over every location (nothing kept: a memory budget that leaves no room)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)
+    ).double()
+    X = torch.randn(7, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, X, y, fisher, generator=torch.Generator().manual_seed(1))
+    if fisher == "exact":
+        F = R.dense_ggn(model, loss_fn, X, y)
+    elif fisher == "empirical":
+        F = R.dense_empirical_fisher(model, loss_fn, X, y)
+    else:
+        F = R.dense_fisher_from_columns(model, X, capt.columns, capt.scale)
+    v = R.random_vector(F.shape[0])
+    eye = torch.eye(F.shape[0], dtype=F.dtype)
+
+    def results(obj):
+        return obj.natural_gradient(1e-2), obj.solve(v, 1e-1), obj.mv(v)
+
+    kept = curvlab.ExactFisher(capt)
+    got = results(kept)
+    assert list(kept._kept) == ["0"]  # the conv layer (T = 36 ≥ C'·d_out)
+    want = (
+        torch.linalg.solve(F + 1e-2 * eye, capt.grad),
+        torch.linalg.solve(F + 1e-1 * eye, v),
+        F @ v,
+    )
+    for x, ref in zip(got, want):
+        assert R.rel_err(x, ref) <= RTOL
+    cols = kept.num_columns
+    monkeypatch.setattr(curvlab.config.options, "memory_budget", 3 * cols * cols * 8)
+    plain = curvlab.ExactFisher(capt)
+    for x, ref in zip(results(plain), got):
+        assert R.rel_err(x, ref) <= RTOL
+    assert not plain._kept

@@ -36,7 +36,7 @@ from curvlab.curvature.base import (
     numerically_nonzero,
     top_count,
 )
-from curvlab.curvature.gram import layer_gram, layer_gram_and_cross, per_sample_gradients
+from curvlab.curvature.gram import layer_gram_and_rows, per_sample_gradients
 from curvlab.errors import MemoryBudgetError, OptionError, SingularMatrixError
 from curvlab.independence import require_independent
 from curvlab.numerics import (
@@ -79,6 +79,8 @@ class GramFisher(Curvature):
         self._check_budget(options.memory_budget if memory_budget is None else memory_budget)
         self._gram: Tensor | None = None
         self._factor: tuple[float, Tensor] | None = None
+        # layer name -> (U_lᵀ (N C', P_l), ∇_l (P_l,) or None) in [W | b] row-major, float64
+        self._kept: dict[str, tuple[Tensor, Tensor | None]] = {}
 
     def _check_budget(self, budget: int) -> None:
         cols = self.num_columns
@@ -102,21 +104,38 @@ class GramFisher(Curvature):
 
     def _assemble(self, cross: bool) -> Tensor | None:
         """Assemble and keep ``K``; with ``cross`` also return ``Uᵀ∇L`` (float64,
-        ``(N C',)``) from the gradient rows, at the cost of ``N`` more output columns."""
+        ``(N C',)``) from the gradient rows, at the cost of ``N`` more output columns.
+
+        Layers whose Gram went through their per-sample gradients ``U_lᵀ`` keep them,
+        with the layer gradient ``∇_l`` where known (from the gradient rows, or
+        ``r·Σ_n U_lᵀ`` for the empirical Fisher), when they are no larger than the
+        layer's rows ``ā`` and all kept together fit half the memory budget: ``Uᵀv``,
+        ``U c`` and :meth:`natural_gradient` then use them instead of contracting over
+        every location again."""
         total = torch.zeros(
             self.num_columns, self.num_columns, dtype=SOLVE_DTYPE, device=self.device
         )
         utg = (
             torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device) if cross else None
         )
+        ratio = self._capture.grad_ratio
+        room = options.memory_budget // 2 - sum(
+            u.numel() * u.element_size() for u, _ in self._kept.values()
+        )
         for lc in self._layers:
             a, e = lc.a.to(SOLVE_DTYPE), lc.e.to(SOLVE_DTYPE)
-            if utg is None:
-                total += layer_gram(a, e, self._scheme)
-            else:
-                k, x = layer_gram_and_cross(a, e, lc.g.to(SOLVE_DTYPE), self._scheme)
-                total += k
+            g = lc.g.to(SOLVE_DTYPE) if utg is not None else None
+            keep = max(room, 0)
+            k, x, kept = layer_gram_and_rows(a, e, g, self._scheme, keep)
+            total += k
+            if utg is not None:
                 utg += x
+            if kept is not None:
+                u, grad = kept
+                if grad is None and ratio is not None and lc.g is not None:
+                    grad = u.sum(dim=0).mul_(ratio)  # empirical: g = r·e
+                self._kept[lc.name] = (u, grad)
+                room -= u.numel() * u.element_size()
         self._gram = total
         return utg
 
@@ -134,17 +153,42 @@ class GramFisher(Curvature):
 
     def _ut(self, v: Tensor) -> Tensor:
         """``Uᵀ v`` as a float64 vector of length ``N C'``, order ``(n, c)``, computed in
-        float64 (``a``, ``e`` and ``v`` promoted layer by layer)."""
+        float64 (``a``, ``e`` and ``v`` promoted layer by layer; kept ``U_lᵀ`` used as
+        they are)."""
         out = torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
         for lc, mat in zip(self._layers, self._split(v.to(SOLVE_DTYPE))):
+            if lc.name in self._kept:
+                out.addmv_(self._kept[lc.name][0], mat.reshape(-1))
+                continue
             av = lc.a.to(SOLVE_DTYPE) @ mat.T  # (N, T, d_out)
             out += torch.einsum("cnto,nto->nc", lc.e.to(SOLVE_DTYPE), av).reshape(-1)
         return out
 
     def _u(self, coef: Tensor) -> Tensor:
         """``U c`` for ``c`` of length ``N C'`` (order ``(n, c)``) as a float64 flat vector."""
-        cc = coef.to(SOLVE_DTYPE).view(self._capture.batch_size, -1)
-        return self._contract(lambda lc: torch.einsum("nc,cnto->nto", cc, lc.e.to(SOLVE_DTYPE)))
+        return self._combine(coef.to(SOLVE_DTYPE))
+
+    def _combine(self, coef: Tensor, lam: float | None = None) -> Tensor:
+        """``U c`` (``lam`` None) or ``(∇L − U c) / λ`` from the gradient rows, as a
+        float64 flat vector: per layer ``Σ_nt r_nt ā_ntᵀ`` with ``r = Σ_c c_nc e_nct`` or
+        ``(g_nt − Σ_c c_nc e_nct) / λ``, or from the kept ``U_lᵀ`` (and ``∇_l``) without
+        touching ``ā``."""
+        cc = coef.view(self._capture.batch_size, -1)
+        out = torch.empty(self.num_params, dtype=SOLVE_DTYPE, device=self.device)
+        for lc, part in zip(self._layers, out.split(self._sizes)):
+            kept = self._kept.get(lc.name)
+            if kept is not None and (lam is None or kept[1] is not None):
+                u, grad = kept
+                mat = u.T @ coef if lam is None else torch.addmv(grad, u.T, coef, alpha=-1.0)
+                if lam is not None:
+                    mat.div_(lam)
+                part.copy_(lc.info.to_flat(mat.view(lc.info.d_out, lc.info.d_in_h)))
+                continue
+            rows = torch.einsum("nc,cnto->nto", cc, lc.e.to(SOLVE_DTYPE))
+            if lam is not None:
+                rows.neg_().add_(lc.g.to(SOLVE_DTYPE)).div_(lam)
+            lc.info.weight_product(rows, lc.a.to(SOLVE_DTYPE), out=part)
+        return out
 
     def _contract(
         self, rows: Callable[[LayerCapture], Tensor], layers: list[LayerCapture] | None = None
@@ -239,24 +283,21 @@ class GramFisher(Curvature):
         else:
             utg = self._utg()
         coef = torch.cholesky_solve(utg.unsqueeze(1), self._cholesky(lam)).squeeze(1)
-        cc = coef.view(self._capture.batch_size, -1)
-        return self._contract(
-            lambda lc: (
-                torch.einsum("nc,cnto->nto", cc, lc.e.to(SOLVE_DTYPE))
-                .neg_()
-                .add_(lc.g.to(SOLVE_DTYPE))
-                .div_(lam)
-            )
-        ).to(self.dtype)
+        return self._combine(coef, lam).to(self.dtype)
 
     def _utg(self) -> Tensor:
         """``Uᵀ∇L`` from the gradient rows when ``K`` is already assembled: per layer
         ``Σ_m Σ_tt' (ā_nt·ā_mt')(e_nct·g_mt')`` when that is cheaper than
         ``Σ_t e_nct · (∇_l ā_nt)`` with the layer gradient ``∇_l`` (the chosen branch's
-        temporaries are at most twice the size of ``a`` and ``g``), in float64."""
+        temporaries are at most twice the size of ``a`` and ``g``), or ``U_lᵀ ∇_l`` from
+        the kept per-sample gradients, in float64."""
         n, c = self._capture.batch_size, self._capture.num_columns
         utg = torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
         for lc in self._layers:
+            kept = self._kept.get(lc.name)
+            if kept is not None and kept[1] is not None:
+                utg.addmv_(*kept)
+                continue
             a, e, g = lc.a.to(SOLVE_DTYPE), lc.e.to(SOLVE_DTYPE), lc.g.to(SOLVE_DTYPE)
             t, d_in, d_out = a.shape[1], a.shape[2], e.shape[-1]
             if (n * t) ** 2 * (d_in + c * d_out) < 2 * n * t * d_in * d_out:

@@ -82,22 +82,39 @@ def layer_gram_and_cross(
         ``K_l`` ``(N C', N C')`` and ``U_lᵀ ∇_l`` ``(N C',)``, in the dtype of ``a``,
         ordered ``(n, c)``.
     """
-    gram, cross = _assemble(a, e, g, scheme)
+    gram, cross, _ = _assemble(a, e, g, scheme)
     assert cross is not None
     return gram, cross
 
 
-def _assemble(a: Tensor, e: Tensor, g: Tensor | None, scheme: str) -> tuple[Tensor, Tensor | None]:
+def layer_gram_and_rows(
+    a: Tensor, e: Tensor, g: Tensor | None, scheme: str = "auto", keep_bytes: int = 0
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor | None] | None]:
+    """:func:`layer_gram_and_cross` (``U_lᵀ ∇_l`` only when ``g`` is given), and the
+    layer's per-column gradients ``U_lᵀ`` ``(N C', d_out·d_in_h)`` with its gradient
+    ``∇_l`` (``None`` without ``g``), both ``[W | b]`` row-major, when the per-sample
+    scheme formed them in one piece anyway, ``U_lᵀ`` is no larger than ``a`` and takes at
+    most ``keep_bytes``; else ``None``.  With them ``U_l c`` costs ``N C' P_l`` instead of
+    a contraction over every location."""
+    return _assemble(a, e, g, scheme, keep_bytes)
+
+
+def _assemble(
+    a: Tensor, e: Tensor, g: Tensor | None, scheme: str, keep_bytes: int = 0
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor | None] | None]:
     check_choice("scheme", scheme, SCHEMES)
     c, n, t, d_out = e.shape
     if scheme == "auto":
         scheme = choose_scheme(n, c, t, a.shape[-1], d_out)
     ee = e.permute(1, 0, 2, 3)  # (N, C', T, d_out)
     if scheme == "per_sample":
-        return _gram_per_sample(a, ee, g)
+        keep = c * d_out <= t and n * c * d_out * a.shape[-1] * a.element_size() <= keep_bytes
+        return _gram_per_sample(a, ee, g, keep)
     if t == 1:
-        return _gram_single_location(a[:, 0], ee[:, :, 0], None if g is None else g[:, 0])
-    return _pairs_rows(a, ee, a, ee, g)
+        gram, cross = _gram_single_location(a[:, 0], ee[:, :, 0], None if g is None else g[:, 0])
+    else:
+        gram, cross = _pairs_rows(a, ee, a, ee, g)
+    return gram, cross, None
 
 
 def _gram_single_location(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -187,9 +204,13 @@ def per_sample_gradients(a: Tensor, e: Tensor) -> Tensor:
     return torch.einsum("ncto,ntk->ncok", e, a)
 
 
-def _gram_per_sample(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _gram_per_sample(
+    a: Tensor, e: Tensor, g: Tensor | None, keep: bool = False
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor | None] | None]:
     """Gram of the per-sample gradients of ``a (N, T, d)``, ``e (N, C', T, o)``; with
-    gradient rows ``g (N, T, o)`` also their products with the gradient ``Σ_nt g_nt ā_ntᵀ``."""
+    gradient rows ``g (N, T, o)`` also their products with the gradient ``Σ_nt g_nt ā_ntᵀ``;
+    with ``keep`` also the per-sample gradients ``(N C', o d)`` and that gradient
+    (``None`` without ``g``) when formed in one piece."""
     n, c, _, o = e.shape
     d = a.shape[-1]
     out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
@@ -198,7 +219,7 @@ def _gram_per_sample(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tensor, Te
     if step >= n:
         u = per_sample_gradients(a, e).reshape(n * c, o * d)
         torch.mm(u, u.T, out=out)
-        return out, None if grad is None else u @ grad
+        return out, None if grad is None else u @ grad, (u, grad) if keep else None
     cross = None if grad is None else a.new_empty(n * c)
     chunks = [(i, min(i + step, n)) for i in range(0, n, step)]
     for i, j in chunks:
@@ -212,4 +233,4 @@ def _gram_per_sample(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tensor, Te
             block = gi @ gk.T
             out[i * c : j * c, k * c : m * c] = block
             out[k * c : m * c, i * c : j * c] = block.T
-    return out, cross
+    return out, cross, None
