@@ -21,9 +21,13 @@ downstream branches on module types.  Two families implement it:
   factor" is the scalar 1 and the "gradient factor" is the exact layer block; the
   approximations use that exact block (``kronecker = False``).  Shared parameters
   (:class:`~curvlab.layers.shared.SharedKind`) are presented the same way.
+* **Grouped kinds** (:class:`~curvlab.layers.conv.GroupedConvKind`): per-sample kinds
+  whose groups are Kronecker layers of their own (:attr:`LayerKind.group_layouts`,
+  :class:`BlockLayout`); the capture keeps each group's rows (``LayerCapture.groups``)
+  and KFAC, EKFAC and FOOF build one factor pair per group on them.
 
 The flat layout (DESIGN.md) is the module's trainable parameters in registration order,
-each flattened row-major; :meth:`LayerKind.to_matrix` / :meth:`LayerKind.to_flat` map
+each flattened row-major; :meth:`Layout.to_matrix` / :meth:`Layout.to_flat` map
 between a flat slice and ``W̄``.
 
 A layer reads the recorded calls of its *uses* (:attr:`LayerKind.uses`): a
