@@ -3,7 +3,8 @@
 * :func:`curvlab_ng`: ``curvlab.capture(..., gradient=False)`` +
   ``ExactFisher(capt).natural_gradient(λ)`` (the fast path: works from the gradient's
   output rows); :func:`curvlab_solve_ng`: ``curvlab.capture`` +
-  ``ExactFisher(capt).solve(capt.grad, λ)`` (the generic solve, for comparison).
+  ``ExactFisher(capt).solve(capt.grad, λ)`` (the generic solve, for comparison), and
+  :func:`curvlab_default_capture_ng`: the same default capture + ``natural_gradient``.
 * :func:`materialised_ng`: per-sample (per-column) gradients ``Uᵀ`` materialised with
   ``torch.func`` (``vmap`` over samples of a ``vjp`` with the ``C'`` Fisher columns as
   cotangents), then the dense solve in the small space:
@@ -77,6 +78,23 @@ def curvlab_solve_ng(
         model, loss_fn, x, y, fisher=fisher, generator=_generator(fisher, seed, x.device)
     )
     return curvlab.ExactFisher(capt).solve(capt.grad, damping)
+
+
+def curvlab_default_capture_ng(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    fisher: str,
+    damping: float,
+    seed: int = 0,
+) -> Tensor:
+    """``natural_gradient`` after the same default ``capture`` that :func:`curvlab_solve_ng`
+    runs (``gradient=True``): the two routes from one kind of capture."""
+    capt = curvlab.capture(
+        model, loss_fn, x, y, fisher=fisher, generator=_generator(fisher, seed, x.device)
+    )
+    return curvlab.ExactFisher(capt).natural_gradient(damping)
 
 
 def materialised_bytes(n: int, columns: int, params: int, itemsize: int = 4) -> int:

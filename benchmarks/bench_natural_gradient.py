@@ -8,7 +8,9 @@ process per (configuration, method):
 * ``curvlab``: ``curvlab.capture(..., gradient=False)`` +
   ``ExactFisher(capt).natural_gradient(λ)``; its worker also times curvlab's generic
   route ``capture`` + ``ExactFisher(capt).solve(capt.grad, λ)`` in the same rounds
-  (``solve_s``, ``solve_vs_ng``);
+  (``solve_s``, ``solve_vs_ng``) and ``natural_gradient`` after that same default
+  capture (``solve_vs_ng_same``: the two routes after one kind of capture; ``solve_vs_ng``
+  also includes the flat gradient that ``capture(gradient=True)`` forms);
 * ``materialised``: per-column gradients via torch.func + dense Woodbury solve
   (only where ``Uᵀ`` and its Gram fit in ``--materialise-gib``);
 * ``cg``: curvlinops' curvature operator + CG to a relative residual of 1e-6
@@ -32,6 +34,7 @@ import time
 from benchmarks import common as C
 from benchmarks.baselines import (
     cg_ng,
+    curvlab_default_capture_ng,
     curvlab_ng,
     curvlab_solve_ng,
     materialised_bytes,
@@ -88,6 +91,7 @@ def worker(cfg: dict) -> dict:
             "plain": lambda: C.plain_gradient(model, loss_fn, x, y),
             "curvlab": lambda: curvlab_ng(model, loss_fn, x, y, fisher, lam),
             "solve": lambda: curvlab_solve_ng(model, loss_fn, x, y, fisher, lam),
+            "ng_same": lambda: curvlab_default_capture_ng(model, loss_fn, x, y, fisher, lam),
             "materialised": lambda: materialised_ng(model, loss_fn, x, y, fisher, lam),
             "cg": lambda: cg_ng(model, loss_fn, x, y, fisher, lam, time_limit=cfg["cg_time_limit"]),
         }
@@ -134,6 +138,7 @@ def worker(cfg: dict) -> dict:
         timed[method] = fns[method]
     if method == "curvlab":
         timed["solve"] = fns["solve"]
+        timed["ng_same"] = fns["ng_same"]
     for name in timed:  # warm-up; the method itself was warmed by its first call
         if name != method or method == "plain":
             timed[name]()
@@ -150,6 +155,7 @@ def worker(cfg: dict) -> dict:
         )
     if "solve" in timed:
         row.update(solve_s=C.median(times["solve"]), solve_vs_ng=C.ratio(times, "solve", method))
+        row["solve_vs_ng_same"] = C.ratio(times, "solve", "ng_same")
     return row
 
 
@@ -242,6 +248,7 @@ COLUMNS = [
     "vs_curvlab",
     "solve_s",
     "solve_vs_ng",
+    "solve_vs_ng_same",
     "peak_mib",
     "rel_err",
     "cg_iters",
