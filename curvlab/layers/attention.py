@@ -77,6 +77,10 @@ class AttentionCall:
     options: dict[str, Any]
 
 
+def _trained(t: Tensor | None) -> bool:
+    return t is not None and t.requires_grad
+
+
 class _Unhooked(nn.Module):
     """Runs ``inner``'s own forward without its hooks (those act on the recorded call's
     output downstream of the module); its tensors are named ``inner.<name>``."""
@@ -176,10 +180,9 @@ class _AttentionCallReader:
         its input projections and trains no ``bias_k``/``bias_v`` (and trains each bias
         only with its weight); else the whole module as one exact :class:`AttentionKind`."""
         m = module
-        trained = lambda t: t is not None and t.requires_grad  # noqa: E731
-        packed = m._qkv_same_embed_dim and not (trained(m.bias_k) or trained(m.bias_v))
+        packed = m._qkv_same_embed_dim and not (_trained(m.bias_k) or _trained(m.bias_v))
         for w, b in ((m.in_proj_weight, m.in_proj_bias), (m.out_proj.weight, m.out_proj.bias)):
-            packed = packed and (trained(w) or not trained(b))
+            packed = packed and (_trained(w) or not _trained(b))
         if not packed:
             return [AttentionKind(name, module, offset)]
         out: list[LayerKind] = []
