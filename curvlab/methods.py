@@ -10,7 +10,8 @@ OneBatchCurvature`, their curvature rebuilt from each mini-batch).  Built-in met
 ``blockdiag``           exact per-layer blocks, ``(F_ll + λI)⁻¹ g_l``
 ``kfac``                KFAC/KFC "expand" with heuristic (factored Tikhonov) damping
 ``kfac-standard``       the same ``A ⊗ G``, damped exactly: ``(A ⊗ G + λI)⁻¹``
-``kfac-reduce``         KFC "reduce" factors (differs from ``kfac`` on conv layers only)
+``kfac-reduce``         KFC "reduce" factors (differs from ``kfac`` on layers with ``T > 1``:
+                        conv, sequence Linear layers, embeddings)
 ``kfac-backpack``       BackPACK's KFLR (exact Fisher) or KFAC (MC) factors, heuristic
 ``foof``                FOOF, ``G_W (A + λI)⁻¹`` per layer
 ``foof-kfac-damping``   FOOF with KFAC's A-side damping, ``G_W (A + π√λ I)⁻¹`` (Benzing

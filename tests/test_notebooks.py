@@ -24,9 +24,14 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds per cell; small mode needs a few seconds per cell
 
 
+EXPECTED = {"01_tour", "02_benzing2022", "03_two_level_kfac", "04_kfc_checks", "05_transformer"}
+"""Notebooks the tests below must find (stored full-mode run, small-mode execution)."""
+
+
 def test_notebooks_exist():
     """The suite would silently test nothing without notebooks."""
-    assert len(NOTEBOOKS) >= 4, f"expected the issue's notebooks in {NOTEBOOK_DIR}"
+    missing = EXPECTED - {p.stem for p in NOTEBOOKS}
+    assert not missing, f"expected the notebooks {sorted(missing)} in {NOTEBOOK_DIR}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
