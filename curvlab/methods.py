@@ -26,6 +26,8 @@ OneBatchCurvature`, their curvature rebuilt from each mini-batch).  Built-in met
 ``singd``               SINGD, IKFAC rule, dense factors (one batch in compare)
 ``singd-diagonal``      SINGD with diagonal factors
 ``singd-blockdiag``     SINGD with block-diagonal factors (blocks of 16)
+``singd-hierarchical``  SINGD with hierarchical factors (``k1 = k2 = 15``: dense corner
+                        blocks coupled through a diagonal middle)
 ``sgd``                 no curvature: the gradient itself
 ======================  ===========================================================
 
@@ -463,6 +465,14 @@ def _register_builtins() -> None:
             optimizer=_optimizer("SINGD"),
             defaults={"lr": 0.05, "damping": 1e-3, "structure": "block_diagonal"},
             train_summary="SINGD (IKFAC rule, block-diagonal factors)",
+        ),
+        Method(
+            "singd-hierarchical",
+            "SINGD (IKFAC) fixed point, hierarchical factors k1 = k2 = 15 (one batch)",
+            _singd("hierarchical"),
+            optimizer=_optimizer("SINGD"),
+            defaults={"lr": 0.05, "damping": 1e-3, "structure": "hierarchical"},
+            train_summary="SINGD (IKFAC rule, hierarchical factors)",
         ),
     ]
     for method in builtins:

@@ -8,6 +8,9 @@ float64 references built from hook records (tests/reference.py), RTOL = 1e-8.
   capture); the empirical one from any captured Fisher type.
 * Two-level: KFAC⁻¹ v + Zᵀ(F_c + λI)⁻¹ Z v with dense KFAC and dense coarse matrices.
 * SINGD: kron(Π(G), Π(A)) with the structure's mask; solve with (Π(·) + λI) per factor.
+  Hierarchical: the IKFAC fixed point Ŝ = (K Kᵀ)⁻¹ from a block-triangular (Cholesky)
+  factorisation S = Lᵀ W L, checked against the fixed-point equation Π̂(Kᵀ S K) = I with
+  the dense pattern mask, K = L⁻¹ inside the pattern.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from conftest import DAMPINGS, RTOL, get_problem, mc_generator
 import curvlab
 from curvlab.curvature.singd import SINGDCurvature
 from curvlab.curvature.two_level import TwoLevelKFACCurvature
-from curvlab.optim.structures import BlockDiagonal
+from curvlab.optim.structures import BlockDiagonal, Hierarchical
 
 KFOC_CASES = [
     ("mlp_tanh", "ce-mean", "exact"),
@@ -210,7 +213,140 @@ def _mask(structure, dim: int) -> torch.Tensor:
     return (index[:, None] == index[None, :]).to(torch.float64)
 
 
-def test_singd_refuses_hierarchical():
+def _hierarchical_sets(dim: int, k1: int, k2: int) -> tuple[list[int], list[int], list[int]]:
+    """Index sets I1 (first k1), I2 (middle), I3 (last k2), k1 and k2 clipped to dim."""
+    k1 = min(k1, dim)
+    k2 = min(k2, dim - k1)
+    return list(range(k1)), list(range(k1, dim - k2)), list(range(dim - k2, dim))
+
+
+def _hierarchical_pattern(dim: int, k1: int, k2: int) -> torch.Tensor:
+    """Boolean mask of K: dense rows I1, diagonal I2 x I2, dense I3 x (I2 ∪ I3)."""
+    i1, i2, i3 = _hierarchical_sets(dim, k1, k2)
+    mask = torch.zeros(dim, dim, dtype=torch.bool)
+    mask[i1, :] = True
+    mask[i2, i2] = True
+    mask[torch.tensor(i3).unsqueeze(1), torch.tensor(i2 + i3).unsqueeze(0)] = True
+    return mask
+
+
+def _ikfac_fixed_point(s: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
+    """Ŝ with Π̂(Kᵀ S K) = I, K Kᵀ = Ŝ⁻¹, for the hierarchical structure.
+
+    In the order (I2, I3, I1) the structure is block lower-triangular with a diagonal
+    first block; S = Lᵀ W L with L = K⁻¹ of that form and W = I except off the diagonal
+    of the I2 block, built from the last block backwards with Cholesky factors.
+    Checks the fixed-point equation and the pattern of K, returns Lᵀ L."""
+    dim = s.shape[0]
+    i1, i2, i3 = _hierarchical_sets(dim, k1, k2)
+    if len(i2) < 2:  # M = pattern ∪ patternᵀ covers every entry: Ŝ = S
+        return s
+    order = torch.tensor(i2 + i3 + i1)
+    sp = s[order][:, order]
+    a, b = len(i2), len(i2) + len(i3)  # block ends in the new order
+    L = torch.zeros_like(sp)
+
+    def upper_root(m):  # R with Rᵀ R = m
+        return torch.linalg.cholesky(m).T
+
+    L[b:, b:] = upper_root(sp[b:, b:])
+    L[b:, :b] = torch.linalg.solve(L[b:, b:].T, sp[b:, :b])
+    if b > a:
+        schur = sp[a:b, a:b] - L[b:, a:b].T @ L[b:, a:b]
+        L[a:b, a:b] = upper_root(schur)
+        L[a:b, :a] = torch.linalg.solve(L[a:b, a:b].T, sp[a:b, :a] - L[b:, a:b].T @ L[b:, :a])
+    rest = sp[:a, :a] - L[a:b, :a].T @ L[a:b, :a] - L[b:, :a].T @ L[b:, :a]
+    L[:a, :a] = torch.diag(rest.diagonal().sqrt())
+    back = torch.argsort(order)
+    L = L[back][:, back]
+    K = torch.linalg.inv(L)
+    pattern = _hierarchical_pattern(dim, k1, k2)
+    assert float(K.masked_fill(pattern, 0.0).abs().max()) <= 1e-12 * float(K.abs().max())
+    X = K.T @ s @ K
+    proj = torch.where(pattern.T, X, 2 * X) * pattern  # Π̂ (structures module)
+    eye = torch.eye(dim, dtype=s.dtype)
+    assert float((proj - eye).abs().max()) <= 1e-10
+    return L.T @ L
+
+
+@pytest.mark.parametrize(
+    ("model_name", "k1", "k2"), [("mlp_tanh", 2, 1), ("mlp_tanh", 0, 2), ("conv1d", 2, 2)]
+)
+def test_singd_hierarchical_one_batch_against_dense(model_name, k1, k2):
+    prob, capt, ref = _setup(model_name, "ce-mean", "exact")
+    curv = SINGDCurvature(capt, Hierarchical(k1=k1, k2=k2))
+    parts = []
+    for rec in ref.records:
+        A, G = R.kfac_factors(rec, ref.scale)
+        assert A.shape[0] > k1 + k2 + 1  # a middle block with off-diagonal entries
+        parts.append((A, G, rec))
+
+    def completed(m: torch.Tensor, lam: float) -> torch.Tensor:
+        """B(λ) = Ŝ(λ) − λI; at λ = 0 the fixed point of the undamped factor."""
+        eye = torch.eye(m.shape[0], dtype=m.dtype)
+        return _ikfac_fixed_point(m + lam * eye, k1, k2) - lam * eye
+
+    D = torch.block_diag(
+        *[R.wb_to_flat(torch.kron(completed(G, 0), completed(A, 0)), rec) for A, G, rec in parts]
+    )
+
+    def damped_matrix(lam):
+        blocks = []
+        for A, G, rec in parts:
+            eye_a = torch.eye(A.shape[0], dtype=A.dtype)
+            eye_g = torch.eye(G.shape[0], dtype=G.dtype)
+            x = completed(G, lam) + lam * eye_g
+            y = completed(A, lam) + lam * eye_a
+            blocks.append(R.wb_to_flat(torch.kron(x, y), rec))
+        return torch.block_diag(*blocks)
+
+    errs = R.interface_errors(curv, D, DAMPINGS, damped=damped_matrix)
+    eye = torch.eye(prob.P, dtype=torch.float64)
+    for lam in DAMPINGS:
+        expect = torch.linalg.matrix_norm(damped_matrix(lam) - D - lam * eye)
+        errs[f"damping_excess(λ={lam:g})"] = R.rel_err(curv.damping_excess(lam), expect)
+    R.assert_close_all(errs, RTOL, f"SINGD hierarchical {prob}")
+    # the middle block is not the input factor's own: the structure changes the matrix
+    assert R.rel_err(D, R.dense_kfac(ref.records, ref.scale)) > 1e-3
+
+
+def test_singd_hierarchical_solve_with_dead_inputs():
+    """A dead ReLU unit gives A a zero row and column (singular corners at λ = 0): the
+    damped solve still equals the dense fixed point."""
+    prob, capt, ref = _setup("mlp_mixed_bias", "ce-mean", "exact")
+    curv = SINGDCurvature(capt, Hierarchical(k1=1, k2=2))
+    v = R.random_vector(prob.P, seed=4)
+    for lam in DAMPINGS:
+        blocks = []
+        for rec in ref.records:
+            A, G = R.kfac_factors(rec, ref.scale)
+            eye_a = torch.eye(A.shape[0], dtype=A.dtype)
+            eye_g = torch.eye(G.shape[0], dtype=G.dtype)
+            x = _ikfac_fixed_point(G + lam * eye_g, 1, 2)
+            y = _ikfac_fixed_point(A + lam * eye_a, 1, 2)
+            blocks.append(R.wb_to_flat(torch.kron(x, y), rec))
+        expect = torch.linalg.solve(torch.block_diag(*blocks), v)
+        assert R.rel_err(curv.solve(v, lam), expect) <= RTOL
+
+
+def test_singd_hierarchical_in_compare():
+    """The registered method runs through the metrics compare needs (default k1 = k2 = 15
+    makes the small test layers dense: the matrix is KFAC's)."""
     prob = get_problem("mlp_tanh", "ce-mean")
-    with pytest.raises(ValueError, match="closed under transposition"):
-        SINGDCurvature(prob.capture("exact"), "hierarchical")
+    analysis = curvlab.compare.Analysis(prob.model, prob.loss_fn, prob.X, prob.y)
+    hier = curvlab.compare.relative_errors(analysis, "singd-hierarchical")
+    kfac = curvlab.compare.relative_errors(analysis, "kfac")
+    for layer in analysis.layer_names:
+        assert abs(hier[layer][0] - kfac[layer][0]) <= 1e-10
+
+
+def test_singd_refuses_other_structures():
+    from curvlab.optim.structures import Structure
+
+    class Lower(Structure):
+        name = "lower"
+        _project = _dense = _mm = _tmm = _rmm = _compose = _trace = None
+
+    prob = get_problem("mlp_tanh", "ce-mean")
+    with pytest.raises(ValueError, match="knows the dense, diagonal, block_diagonal and"):
+        SINGDCurvature(prob.capture("exact"), Lower())

@@ -294,14 +294,14 @@ class Hierarchical(Structure):
             if int(k) != k or k < 0:
                 raise OptionError(f"k1 and k2 must be integers ≥ 0, got {self.k1!r}, {self.k2!r}.")
 
-    def _sizes(self, dim: int) -> tuple[int, int, int]:
+    def sizes(self, dim: int) -> tuple[int, int, int]:
         """``(k1, m, k2)`` for dimension ``dim``."""
         k1 = min(self.k1, dim)
         k2 = min(self.k2, dim - k1)
         return k1, dim - k1 - k2, k2
 
     def _project(self, x: Tensor) -> Parts:
-        k1, m, _ = self._sizes(x.shape[0])
+        k1, m, _ = self.sizes(x.shape[0])
         j = k1 + m
         return (
             x[:k1, :k1].clone(),
