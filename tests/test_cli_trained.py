@@ -167,10 +167,20 @@ def test_bad_weights_are_one_line_errors(make, model, message, tmp_path, capsys)
         (["--pretrain", "2", "--pretrain-lr", "0"], "--pretrain-lr must be"),
         (["--pretrain", "2", "--pretrain-batch-size", "0"], "--pretrain-batch-size must be"),
         (["--pretrain", "5", "--pretrain-lr", "1e38"], "pretraining diverged"),
+        (
+            ["--pretrain", "5", "--pretrain-lr", "1e30"],
+            "pretraining diverged at --pretrain-lr 1e+30 (sgd, 5 steps): the loss of the "
+            "first mini-batch went from 2.3 to",
+        ),
+        (["--pretrain", "5", "--pretrain-lr", "1e3"], "the loss of the first mini-batch went"),
     ],
 )
 def test_bad_pretraining_options_are_one_line_errors(extra, message, tmp_path, capsys):
-    argv = ["compare", "--model", "mlp", *extra, *SMALL, "--out", str(tmp_path / "rep")]
+    out = tmp_path / "rep"
+    argv = ["compare", "--model", "mlp", *extra, *SMALL, "--out", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err, err
+    if "diverged" in message:
+        assert err.endswith("lower --pretrain-lr"), err
+    assert not (out / "results.json").exists()

@@ -4,7 +4,9 @@
 the chosen model; every key and shape must match, or the run stops with a one-line
 error naming the first mismatch.  ``--pretrain`` then trains the model for ``STEPS``
 mini-batch steps with SGD or Adam on the training examples of the same dataset (batch
-order seeded by ``--seed``) before it is diagnosed.  What was done is recorded in
+order seeded by ``--seed``) before it is diagnosed; a diverged pretraining (a non-finite
+loss or parameter, or the first mini-batch's loss risen a hundredfold) stops the run
+with a one-line error before any diagnostics.  What was done is recorded in
 ``results.json`` (``config["weights"]``, ``config["pretrain"]`` and, per model, the
 training loss before and after pretraining).
 
@@ -15,6 +17,7 @@ needed.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -128,15 +131,54 @@ def pretrain(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if step == 0:
+            first_batch = pick
         if not torch.isfinite(loss.detach()):
-            raise UsageError(
-                f"pretraining diverged (loss {losses[-1]} at step {step + 1}); lower "
-                "--pretrain-lr or choose another --pretrain-method"
-            )
+            raise _diverged(spec, f"the training loss is {losses[-1]} at step {step + 1}")
     model.zero_grad(set_to_none=True)
+    if spec["steps"] > 0:
+        _check_diverged(model, loss_fn, inputs[first_batch], targets[first_batch], losses[0], spec)
     model.train(was_training)
     window = min(10, len(losses))
     return {
         "first_loss": sum(losses[:window]) / window,
         "last_loss": sum(losses[-window:]) / window,
     }
+
+
+DIVERGENCE_FACTOR = 100.0
+"""Pretraining has diverged when the loss of the first mini-batch ends above this many
+times its start (or above this many when it started below 1)."""
+
+
+def _diverged(spec: dict[str, Any], problem: str) -> UsageError:
+    return UsageError(
+        f"pretraining diverged at --pretrain-lr {spec['lr']:g} ({spec['method']}, "
+        f"{spec['steps']} steps): {problem}; lower --pretrain-lr"
+    )
+
+
+def _check_diverged(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    start: float,
+    spec: dict[str, Any],
+) -> None:
+    """Refuse a pretrained model whose parameters are not finite or whose loss on the first
+    mini-batch rose above :data:`DIVERGENCE_FACTOR` times its start: its diagnostics would
+    describe a diverged network (saturated outputs, a vanishing or infinite Fisher).
+
+    Raises:
+        UsageError: naming the problem and ``--pretrain-lr``.
+    """
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise _diverged(spec, f"parameter '{bad[0]}' is not finite")
+    with torch.no_grad():
+        end = float(loss_value(loss_fn, model(inputs), targets))
+    if not math.isfinite(end) or end > DIVERGENCE_FACTOR * max(start, 1.0):
+        raise _diverged(
+            spec, f"the loss of the first mini-batch went from {start:.3g} to {end:.3g}"
+        )

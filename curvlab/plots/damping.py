@@ -16,10 +16,12 @@ from curvlab.plots.style import (
     dodge,
     key_handles,
     legend,
+    log_scale,
     method_color,
     method_marker,
     method_order,
     new_figure,
+    shown_values,
     styled,
 )
 from curvlab.records import NETWORK
@@ -60,6 +62,7 @@ def plot_damping_sweep(
     fig, axes = new_figure()
     ax = axes[0, 0]
     hidden: dict[str, list[str]] = {}
+    shown: list[float] = []
     for k, metric in enumerate(metric_names):
         lines = {
             method: table[(table["method"] == method) & (table["metric"] == metric)].sort_values(
@@ -68,22 +71,22 @@ def plot_damping_sweep(
             for method in methods
         }
         lines = {m: line for m, line in lines.items() if not line.empty}
-        values = {m: line["value"].to_numpy(dtype=float) for m, line in lines.items()}
-        if logy:
-            values = {m: np.log10(np.clip(v, 1e-300, None)) for m, v in values.items()}
-        for name, others in coinciding(values).items():
+        values = {m: shown_values(line["value"], log=logy) for m, line in lines.items()}
+        shown.extend(v for line in values.values() for v in line)
+        compared = {m: np.log10(v) for m, v in values.items()} if logy else values
+        for name, others in coinciding(compared).items():
             hidden.setdefault(name, []).extend(o for o in others if o not in hidden.get(name, []))
         for j, (method, line) in enumerate(lines.items()):
             ax.plot(
                 dodge(line["damping"].to_numpy(), j, len(lines)),
-                line["value"],
+                values[method],
                 color=method_color(method),
                 marker=method_marker(method),
                 linestyle=LINESTYLES[k % len(LINESTYLES)],
             )
     ax.set_xscale("log")
     if logy:
-        ax.set_yscale("log")
+        log_scale(ax, "y", shown)
     ax.set_xlabel("damping λ")
     ax.set_ylabel(_axis_label(metric_names))
     ax.set_title(layer if reference is None else f"{layer}, vs {reference}")

@@ -6,7 +6,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from curvlab.plots.select import Records, reduce, select
-from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
+from curvlab.plots.style import (
+    legend,
+    log_scale,
+    method_color,
+    method_order,
+    new_figure,
+    shown_values,
+    styled,
+)
 
 
 @styled
@@ -20,10 +28,11 @@ def plot_layer_errors(
 ) -> Figure:
     """Section ``"relative_error"``: ``metric`` per layer, one bar per method in each group.
 
-    On a log axis a zero (e.g. block-diagonal methods per layer) is marked "0" at the
-    axis; the legend sits below the axes.  Layers appear in record order (the network's
-    order when the records come from ``compare``).  Repeated rows are averaged; several
-    references or damping values must be narrowed down with ``reference`` / ``damping``.
+    A value without a bar is marked at the axis: ``"0"`` (or ``"≤ 0"``) on a log axis
+    (e.g. block-diagonal methods per layer), ``"nan"``, ``"inf"``; the legend sits below
+    the axes.  Layers appear in record order (the network's order when the records come
+    from ``compare``).  Repeated rows are averaged; several references or damping values
+    must be narrowed down with ``reference`` / ``damping``.
     """
     caller = "plot_layer_errors"
     rows = select(
@@ -36,32 +45,52 @@ def plot_layer_errors(
     ax = axes[0, 0]
     bar = 0.8 / len(methods)
     positions = np.arange(len(layers))
+    shown: list[float] = []
     for k, method in enumerate(methods):
-        values = table[table["method"] == method].set_index("layer")["value"].reindex(layers)
+        own = table[table["method"] == method].set_index("layer")["value"]
+        values = own.reindex(layers)
         x = positions + (k - (len(methods) - 1) / 2) * bar
         heights = values.to_numpy(dtype=float)
-        ax.bar(x, heights, width=bar, color=method_color(method), label=method)
-        if logy:
-            for xi in x[heights == 0]:
-                # a zero has no bar on a log axis: say so where the bar would start
-                ax.text(
-                    xi,
-                    0.01,
-                    "0",
-                    transform=ax.get_xaxis_transform(),
-                    ha="center",
-                    va="bottom",
-                    fontsize=6,
-                    color=method_color(method),
-                )
+        shown.extend(heights)
+        ax.bar(
+            x,
+            np.nan_to_num(shown_values(heights, log=logy)),
+            width=bar,
+            color=method_color(method),
+            label=method,
+        )
+        for xi, h, layer in zip(x, heights, layers):
+            # a value without a bar (a zero or negative one on a log axis, NaN, ±inf): say
+            # so where the bar would start
+            if layer not in own.index or (np.isfinite(h) and (h > 0 or not logy)):
+                continue
+            ax.text(
+                xi,
+                0.01,
+                _unshown_label(h),
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                color=method_color(method),
+            )
     ax.set_xticks(positions, layers, rotation=90 if len(layers) > 4 else 0)
     ax.set_xlabel("layer")
     ax.set_ylabel(metric.replace("_", " "))
     if logy:
-        ax.set_yscale("log")
+        log_scale(ax, "y", shown)
     ax.grid(axis="x", visible=False)
     refs = rows["reference"].dropna().unique()
     if len(refs) == 1:
         ax.set_title(f"vs {refs[0]}")
     legend(ax, outside=True)
     return fig
+
+
+def _unshown_label(value: float) -> str:
+    """The mark of a value that has no bar."""
+    if np.isnan(value):
+        return "nan"
+    if np.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return "0" if value == 0 else "≤ 0"

@@ -7,7 +7,14 @@ from matplotlib.figure import Figure
 
 from curvlab.errors import DataError, OptionError
 from curvlab.plots.select import Records, reduce, select
-from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
+from curvlab.plots.style import (
+    legend,
+    method_color,
+    method_order,
+    new_figure,
+    shown_values,
+    styled,
+)
 
 
 @styled
@@ -48,7 +55,12 @@ def plot_progress(
     fig, axes = new_figure(height=0.6 + 0.22 * max(len(methods), 3))
     ax = axes[0, 0]
     positions = np.arange(len(methods))[::-1]
-    bars = ax.barh(positions, values, color=[method_color(m) for m in methods], height=0.7)
+    bars = ax.barh(
+        positions,
+        np.nan_to_num(shown_values(values)),
+        color=[method_color(m) for m in methods],
+        height=0.7,
+    )
     ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=6.5, padding=1.5)
     ax.axvline(0.0, color="#000000", linewidth=0.6)
     ax.margins(x=0.15)
@@ -78,7 +90,9 @@ def plot_step_progress(records: Records, *, reference: str = "kfac") -> Figure:
     left, right = axes[0]
     methods = method_order(table.columns)
     for method in methods:
-        left.plot(table.index, table[method], color=method_color(method), label=method)
+        left.plot(
+            table.index, shown_values(table[method]), color=method_color(method), label=method
+        )
     left.axhline(0.0, color="#000000", linewidth=0.6)
     left.set_xlabel("step")
     left.set_ylabel("relative loss decrease")
@@ -87,7 +101,7 @@ def plot_step_progress(records: Records, *, reference: str = "kfac") -> Figure:
     for method in methods:
         if method == reference:
             continue
-        ok = (ref > 0) & (table[method] > 0)
+        ok = (ref > 0) & (table[method] > 0) & np.isfinite(ref) & np.isfinite(table[method])
         ratio = table[method][ok] / ref[ok]
         median = float(np.median(ratio)) if len(ratio) else float("nan")
         right.plot(
@@ -100,7 +114,7 @@ def plot_step_progress(records: Records, *, reference: str = "kfac") -> Figure:
             label=f"{method} (median {median:.3g})",
         )
     right.axhline(1.0, color="#000000", linewidth=0.6)
-    right.set_yscale("log")
+    right.set_yscale("log")  # the ratios are finite and positive, and 1 is drawn
     right.set_xlabel("step")
     right.set_ylabel(f"ratio to {reference}")
     legend(right)

@@ -57,9 +57,9 @@ def plot_spectra(
     spectra: dict[str, np.ndarray] = {}
     for method in method_order(rows["method"]):
         values = rows.loc[rows["method"] == method, "value"].to_numpy(dtype=float)
-        spectra[method] = np.sort(values[values > 0])[::-1]
+        spectra[method] = np.sort(values[np.isfinite(values) & (values > 0)])[::-1]
     if not any(len(s) for s in spectra.values()):
-        raise DataError(f"{caller}: no positive eigenvalue to show on a log axis")
+        raise DataError(f"{caller}: no finite positive eigenvalue to show on a log axis")
     fig, axes = new_figure()
     ax = axes[0, 0]
     positive = np.concatenate([s for s in spectra.values() if len(s)])

@@ -215,6 +215,25 @@ def new_figure(
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
+def shown_values(values: Iterable[float] | np.ndarray, log: bool = False) -> np.ndarray:
+    """``values`` as floats with what an axis cannot show as NaN (matplotlib leaves NaN
+    out): infinities, and on a logarithmic axis (``log``) values ``≤ 0`` too."""
+    out = np.asarray(values, dtype=float).copy()
+    keep = np.isfinite(out) & (out > 0) if log else np.isfinite(out)
+    out[~keep] = np.nan
+    return out
+
+
+def log_scale(ax: Axes, axis: str, values: Iterable[float] | np.ndarray) -> bool:
+    """A logarithmic ``axis`` (``"x"`` or ``"y"``) of ``ax`` when some of ``values`` is
+    finite and positive; otherwise the axis stays linear.  Returns whether it is
+    logarithmic."""
+    if not np.isfinite(shown_values(values, log=True)).any():
+        return False
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    return True
+
+
 def legend(ax: Axes, handles: Sequence[Artist] | None = None, outside: bool = False) -> None:
     """A legend inside ``ax`` for up to four entries, else (or when ``outside``) one below
     the figure.
@@ -329,16 +348,21 @@ def dodge(x: np.ndarray, k: int, n: int, decades: float = 0.015) -> np.ndarray:
 
 
 def coinciding(series: dict[str, np.ndarray], rtol: float = 1e-2) -> dict[str, list[str]]:
-    """For each series, the earlier series it would hide: the same length and every value
-    within ``rtol`` of the other's value range (relative to the largest spread)."""
-    items = list(series.items())
-    spread = max((np.ptp(v) for _, v in items if len(v)), default=0.0) or 1.0
+    """For each series, the earlier series it would hide: the same length, values missing
+    (NaN, infinite) at the same places and every other value within ``rtol`` of the
+    other's (relative to the largest spread of finite values)."""
+    items = [(name, np.asarray(v, dtype=float)) for name, v in series.items()]
+    finite = [v[np.isfinite(v)] for _, v in items]
+    spread = max((np.ptp(v) for v in finite if len(v)), default=0.0) or 1.0
     out: dict[str, list[str]] = {}
     for i, (name, values) in enumerate(items):
         for other, ref in items[:i]:
-            if len(values) == len(ref) and len(values):
-                if np.nanmax(np.abs(np.asarray(values) - np.asarray(ref))) <= rtol * spread:
-                    out.setdefault(name, []).append(other)
+            if len(values) != len(ref) or not np.isfinite(values).any():
+                continue
+            same_gaps = np.array_equal(np.isfinite(values), np.isfinite(ref))
+            both = np.isfinite(values) & np.isfinite(ref)
+            if same_gaps and np.max(np.abs(values[both] - ref[both])) <= rtol * spread:
+                out.setdefault(name, []).append(other)
     return out
 
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from curvlab.errors import DataError
 from curvlab.plots.select import Records, reduce, select
-from curvlab.plots.style import legend, method_color, method_order, new_figure, styled
+from curvlab.plots.style import (
+    legend,
+    log_scale,
+    method_color,
+    method_order,
+    new_figure,
+    shown_values,
+    styled,
+)
 
 
 @styled
@@ -21,7 +30,8 @@ def plot_training(
     """``metric`` of ``section`` (``"train"`` or ``"trajectory"``) against ``index`` (the
     step), one line per method.
 
-    The value axis is logarithmic when ``logy`` and every value is positive.
+    The value axis is logarithmic when ``logy`` and every finite value is positive;
+    infinite and NaN values leave gaps in the lines.
     Repeated rows (e.g. seeds) are averaged; records without an index are left out.
     """
     caller = "plot_training"
@@ -34,9 +44,12 @@ def plot_training(
     ax = axes[0, 0]
     for method in method_order(table["method"]):
         line = table[table["method"] == method].sort_values("index")
-        ax.plot(line["index"], line["value"], color=method_color(method), label=method)
-    if logy and (table["value"] > 0).all():
-        ax.set_yscale("log")
+        ax.plot(
+            line["index"], shown_values(line["value"]), color=method_color(method), label=method
+        )
+    finite = table["value"][np.isfinite(table["value"])]
+    if logy and (finite > 0).all():
+        log_scale(ax, "y", finite)
     ax.set_xlabel("step")
     ax.set_ylabel(metric.replace("_", " "))
     legend(ax)

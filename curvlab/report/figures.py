@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -68,7 +69,9 @@ def model_figures(df: pd.DataFrame, headline_damping: float, reference: str) -> 
     split = ["eigenbasis_error", "eigenvalue_error"]
     if _has(df, "relative_error", metric=split, layer=NETWORK):
         figs["relative_error_split"] = plot_error_split(df)
-    if _has(df, "spectrum", metric="eigenvalue", layer=NETWORK):
+    eigen = df[(df["section"] == "spectrum") & (df["metric"] == "eigenvalue")]
+    eigen = eigen[eigen["layer"] == NETWORK]["value"].to_numpy(dtype=float)
+    if (np.isfinite(eigen) & (eigen > 0)).any():  # a log axis needs a positive eigenvalue
         figs["spectrum"] = plot_spectra(df, kind="rank")
         figs["spectrum_density"] = plot_spectra(df, kind="density")
     foof_refs = df.loc[(df["section"] == "damping") & (df["metric"] == "cosine_foof"), "reference"]

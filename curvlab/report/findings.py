@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from curvlab.plots.style import STYLE, method_color, new_figure, styled
+from curvlab.plots.style import STYLE, log_scale, method_color, new_figure, shown_values, styled
 from curvlab.records import NETWORK, Record, to_dataframe
 from curvlab.report.tables import Table, format_cell
 
@@ -293,15 +293,16 @@ def plot_findings(frame: pd.DataFrame, lam: float, reference: str) -> Figure:
     """The findings of one model as one panel per column: a horizontal bar per method.
 
     Methods share the vertical axis (same order as the table); error and KL panels are
-    logarithmic; each bar is labelled with its value, a method without a value is
-    marked "n/a".
+    logarithmic (when they hold a positive value); each bar is labelled with its value, a
+    value without a bar (infinite, or not positive on a log axis) is written at the axis,
+    a method without a value is marked "n/a".
     """
     columns = [c for c in COLUMNS if c.key in frame.columns]
     fig, axes = new_figure(1, len(columns), width="two", height=0.45 + 0.22 * max(len(frame), 3))
     positions = np.arange(len(frame))[::-1]
     for ax, column in zip(axes[0], columns):
         values = frame[column.key].to_numpy(dtype=float)
-        shown = np.where(values > 0, values, np.nan) if column.log else values
+        shown = shown_values(values, log=column.log)
         bars = ax.barh(positions, shown, color=[method_color(m) for m in frame.index], height=0.7)
         missing = ~np.isfinite(shown)
         ax.bar_label(
@@ -310,18 +311,18 @@ def plot_findings(frame: pd.DataFrame, lam: float, reference: str) -> Figure:
             fontsize=6,
             padding=1.5,
         )
-        for y in positions[missing]:
+        for y, v in zip(positions[missing], values[missing]):
             ax.text(
                 0.02,
                 y,
-                "n/a",
+                "n/a" if np.isnan(v) else f"{v:.3g}",
                 transform=ax.get_yaxis_transform(),
                 fontsize=6,
                 va="center",
                 color="#666666",
             )
         if column.log:
-            ax.set_xscale("log")
+            log_scale(ax, "x", shown)
         ax.margins(x=0.3)
         ax.set_yticks(positions, list(frame.index) if ax is axes[0][0] else [])
         ax.set_ylim(-0.6, len(frame) - 0.4)

@@ -173,7 +173,8 @@ def _titled(table: Table, title: str) -> Table:
 
 def compact_tables(rows: pd.DataFrame, index_label: str = "index") -> list[Table]:
     """``rows`` as tables without repeated columns (see the module docstring)."""
-    rows = rows.dropna(axis="columns", how="all")
+    unused = [c for c in rows.columns if c != "value" and rows[c].isna().all()]
+    rows = rows.drop(columns=unused)  # the values stay, NaN or not
     if rows.empty:
         return []
     keys = [c for c in KEYS if c in rows.columns]
