@@ -98,6 +98,46 @@ def test_shampoo_against_dense(model_name, loss_name, fisher, exponent):
     R.assert_close_all(R.interface_errors(shampoo, D, DAMPINGS), RTOL, f"Shampoo {prob}")
 
 
+@pytest.mark.parametrize("loss_name", ["ce-mean", "ce-sum"])
+@pytest.mark.parametrize("exponent", [1.0, 0.5])
+def test_shampoo_is_morwanis_formula_on_per_sample_gradients(loss_name, exponent):
+    """Morwani et al. with H = E_n[g_n g_nᵀ] the empirical Fisher (its reduction scale s:
+    E = s Σ_n, 1/N for a mean loss): per Linear layer, G_n = [∇W | ∇b] of sample n from
+    torch.func, L = E[G Gᵀ], R = E[Gᵀ G]; Shampoo² = L ⊗ R / tr H_ll (tr H_ll =
+    E‖G‖² = tr L), Shampoo = L^½ ⊗ R^½, in the row-major vec(G) order, moved to the
+    parameters' order (weight row-major, then bias) by index, not by capture records."""
+    prob = get_problem("mlp_tanh", loss_name)
+    capt = curvlab.capture(prob.model, prob.loss_fn, prob.X, prob.y, fisher="empirical")
+    grads = R.per_sample_gradients(prob.model, prob.loss_fn, prob.X, prob.y)
+    s = 1.0 / prob.X.shape[0] if loss_name == "ce-mean" else 1.0
+    blocks, offset = [], 0
+    for lin in [m for m in prob.model.modules() if isinstance(m, torch.nn.Linear)]:
+        d_out, d_in = lin.weight.shape
+        size = d_out * (d_in + 1)
+        g = grads[:, offset : offset + size]
+        offset += size
+        mats = torch.cat(
+            [g[:, : d_out * d_in].reshape(-1, d_out, d_in), g[:, d_out * d_in :, None]], 2
+        )
+        left = s * torch.einsum("noi,npi->op", mats, mats)
+        right = s * torch.einsum("noi,noj->ij", mats, mats)
+        if exponent == 1.0:
+            trace_h = s * mats.square().sum()
+            block = torch.kron(left, right) / trace_h
+        else:
+            block = torch.kron(_sqrtm(left), _sqrtm(right))
+        # position of G[o, i] among the layer's parameters: weight row-major, then bias
+        index = torch.empty(d_out, d_in + 1, dtype=torch.long)
+        index[:, :d_in] = torch.arange(d_out * d_in).reshape(d_out, d_in)
+        index[:, d_in] = d_out * d_in + torch.arange(d_out)
+        flat = torch.empty_like(block)
+        flat[index.reshape(-1, 1), index.reshape(1, -1)] = block
+        blocks.append(flat)
+    assert offset == grads.shape[1]
+    expect = torch.block_diag(*blocks)
+    assert R.rel_err(curvlab.Shampoo(capt, exponent).to_dense(), expect) <= RTOL
+
+
 def _sqrtm(m: torch.Tensor) -> torch.Tensor:
     """Square root with eigenvalues at or below the rank tolerance set to 0."""
     values, vectors = torch.linalg.eigh(m)

@@ -1,20 +1,28 @@
 """Shampoo's Kronecker factors of each exact layer block (Gupta et al. 2018; Morwani et
-al. 2025, "A New Perspective on Shampoo's Preconditioner", arXiv 2406.17748).
+al. 2025, "A New Perspective on Shampoo's Preconditioner", ICLR, arXiv 2406.17748).
 
-For a layer's exact block ``B = s Σ_nc vec(Γ_nc) vec(Γ_nc)ᵀ`` (row-major ``[W | b]``
-layout, ``Γ_nc = Σ_t e_nct ā_ntᵀ``):
+Morwani et al. write the curvature of a weight matrix as ``H = E[g gᵀ]`` over per-sample
+(per-column) gradients ``g = vec(G)``, its optimal Kronecker approximation as the top
+singular pair of the rearrangement ``R(H)`` (Van Loan–Pitsianis), and show that one step
+of power iteration from the identity gives the factors ``E[G Gᵀ]`` and ``E[Gᵀ G]``:
+Shampoo's ``(Σ G Gᵀ)^{1/2} ⊗ (Σ Gᵀ G)^{1/2}``, squared, is that step ("Shampoo²").  Here
+``H`` is a layer's exact block ``B = s Σ_nc vec(Γ_nc) vec(Γ_nc)ᵀ`` of the captured
+Fisher type (row-major ``[W | b]`` layout, ``Γ_nc = Σ_t e_nct ā_ntᵀ``; ``E = s Σ``, i.e.
+``1/N Σ`` for a mean loss, ``Σ`` for a sum):
 
-    L = s Σ_nc Γ_nc Γ_ncᵀ  (d_out x d_out),     R = s Σ_nc Γ_ncᵀ Γ_nc  (d_in_h x d_in_h),
+    L = s Σ_nc Γ_nc Γ_ncᵀ = E[G Gᵀ]  (d_out x d_out),
+    R = s Σ_nc Γ_ncᵀ Γ_nc = E[Gᵀ G]  (d_in_h x d_in_h),
 
 i.e. ``L = R(B) I`` and ``R = R(B)ᵀ I`` for the rearrangement of
-:mod:`curvlab.curvature.kfoc`: one step of its power iteration from the identity.
-``tr L = tr R = tr B``.  Two matrices, each a curvature object:
+:mod:`curvlab.curvature.kfoc`.  ``tr L = tr R = tr B = E‖G‖²``.  Two matrices, each a
+curvature object, each of degree 1 in ``B`` (so ``s`` enters once, as in ``B``):
 
-* ``exponent=1`` (method ``shampoo2``, "Shampoo²"): ``C = L ⊗ R / tr B``, Morwani et
-  al.'s reading of the square of Shampoo's approximation as one power-iteration step
-  toward the optimal Kronecker approximation (KFOC).  The normalisation by ``tr B``
-  makes it exact whenever ``B`` is a Kronecker product (``B = X ⊗ Y`` gives
-  ``L = X tr Y``, ``R = Y tr X``).
+* ``exponent=1`` (method ``shampoo2``, "Shampoo²"): ``C = L ⊗ R / tr B``, i.e.
+  ``E[G Gᵀ] ⊗ E[Gᵀ G] / E‖G‖²``.  The power-iteration step fixes the factors up to a
+  scalar (Morwani et al. compare approximations by the matrix cosine, which ignores it);
+  the scalar ``1 / tr B`` is the one that makes ``C = B`` whenever ``B`` is a Kronecker
+  product (``B = X ⊗ Y`` gives ``L = X tr Y``, ``R = Y tr X``), so that relative errors
+  compare like with like.
 * ``exponent=1/2`` (method ``shampoo``): ``C = L^{1/2} ⊗ R^{1/2}`` (eigenvalues of a
   factor at or below its rank tolerance count as 0 before the root), Shampoo's own
   approximation of the gradient second moment (Gupta et al.'s bound
@@ -24,7 +32,8 @@ i.e. ``L = R(B) I`` and ``R = R(B)ᵀ I`` for the rearrangement of
 
 Both are damped like every curvature here, ``solve(v, λ) = (C + λI)⁻¹ v`` exactly in the
 factors' eigenbasis (not Shampoo's optimizer update, which also drops the damping into
-the factors, ``(L + εI)^{-1/4}``).
+the factors, ``(L + εI)^{-1/4}``).  tests/test_approximations.py checks both against
+these formulas on per-sample gradients from ``torch.func``.
 """
 
 from __future__ import annotations
