@@ -6,8 +6,18 @@ import pandas as pd
 import pytest
 
 from curvlab.records import Record, to_dataframe
-from curvlab.report.findings import findings_frame, findings_tables, findings_text, plot_findings
+from curvlab.report.figures import report_figures
+from curvlab.report.findings import (
+    findings_frame,
+    findings_sections,
+    findings_tables,
+    findings_text,
+    findings_titles,
+    plot_findings,
+)
 from curvlab.report.layout import layout
+from curvlab.report.markdown_report import render_markdown
+from curvlab.report.narrative import narrative
 from curvlab.report.tables import compact_tables, section_tables
 
 LAMS = (1e-3, 1e-2, 1e-1)
@@ -156,6 +166,47 @@ def test_findings_open_the_report_layout():
     assert [s.name for s in sections] == ["findings", "cosine", "progress", "relative_error"]
     assert sections[0].title == "Findings" and sections[0].figures == ["findings"]
     assert sections[1].title == "Update directions: cosine similarity"
+
+
+def test_findings_are_grouped_per_model():
+    """Several models: the summary, then one subsection per model headed by the model and
+    the data, holding that model's sentences, figure and table, before the sections."""
+    both = records("mlp") + records("cnn max")
+    config = {**CONFIG, "models": ["mlp", "cnn max"], "data": "digits", "methods": ["kfac"]}
+    figures = report_figures(both, 1e-2, "exact")
+    sections = layout(
+        both,
+        list(figures),
+        narrative(both, config),
+        findings_sections(both, config),
+        "exact",
+        findings_titles(both, config),
+    )
+    names = [s.name for s in sections]
+    assert names[:3] == ["findings", "findings_mlp", "findings_cnn-max"]
+    top, mlp, cnn = sections[:3]
+    assert (top.title, top.level, top.figures, top.tables) == ("Findings", 2, [], [])
+    assert "curvlab compared kfac" in top.narrative and "**mlp.**" not in top.narrative
+    assert (mlp.title, mlp.level, cnn.title, cnn.level) == (
+        "mlp on 'digits'",
+        3,
+        "cnn max on 'digits'",
+        3,
+    )
+    assert mlp.figures == ["findings_mlp"] and cnn.figures == ["findings_cnn-max"]
+    assert mlp.narrative.startswith("At λ = 0.01 the direction closest")
+    assert len(mlp.tables) == 1 and mlp.tables[0].title is None
+    assert all(s.level == 2 for s in sections[3:])
+    text = render_markdown("r", [], "{}", sections, {f: [f"{f}.png"] for f in figures})
+    assert text.index("## Findings") < text.index("### mlp on 'digits'")
+    assert text.index("![findings_mlp]") < text.index("### cnn max on 'digits'")
+
+
+def test_one_model_findings_heading_names_model_and_data():
+    one = records("mlp")
+    config = {**CONFIG, "models": ["mlp"], "data": "mnist-5k"}
+    assert findings_titles(one, config) == {"findings_mlp": "mlp on 'mnist-5k'"}
+    assert list(findings_sections(one, config)) == ["findings_mlp"]
 
 
 def test_tables_move_shared_columns_into_the_note_and_sweeps_into_columns():

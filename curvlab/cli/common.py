@@ -137,12 +137,14 @@ def run_and_report(
     narrative: Callable[[Sequence[Record], dict[str, Any]], Mapping[str, str]],
     tables: Callable[[Sequence[Record], dict[str, Any]], Mapping[str, Sequence[Table]]]
     | None = None,
+    titles: Callable[[Sequence[Record], dict[str, Any]], Mapping[str, str]] | None = None,
 ) -> int:
     """Run a command's work and write its report into ``args.out``; the exit code.
 
     ``run(config, progress)`` returns the records; ``figures(records)`` and
     ``narrative(records, config)`` make the report's figures and text, ``tables(records,
-    config)`` tables that replace those made from the records (e.g. the findings).  Errors a user
+    config)`` tables that replace those made from the records (e.g. the findings),
+    ``titles(records, config)`` headings of sections (e.g. each model's findings).  Errors a user
     can fix (bad data, unsupported model, an existing report) become a
     :class:`UsageError`.  ``config["elapsed_seconds"]`` records the run's duration.
     """
@@ -164,6 +166,7 @@ def run_and_report(
             formats=config["formats"],
             force=args.force,
             tables=None if tables is None else tables(records, config),
+            titles=None if titles is None else titles(records, config),
         )
     except (FileExistsError, NotADirectoryError) as err:
         raise UsageError(str(err)) from None

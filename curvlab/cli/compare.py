@@ -54,7 +54,7 @@ from curvlab.losses import FISHER_TYPES
 from curvlab.models import MODELS
 from curvlab.records import Record
 from curvlab.report.figures import report_figures
-from curvlab.report.findings import findings_tables
+from curvlab.report.findings import findings_sections, findings_titles
 from curvlab.report.narrative import narrative
 
 COMMANDS = {
@@ -446,5 +446,6 @@ def run_compare_command(args: argparse.Namespace, config: dict[str, Any]) -> int
         run,
         lambda records: report_figures(records, config["headline_damping"], config["reference"]),
         narrative,
-        lambda records, config: {"findings": findings_tables(records, config)},
+        findings_sections,
+        findings_titles,
     )

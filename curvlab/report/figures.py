@@ -8,7 +8,6 @@ section's name, which is how the report writer places them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,12 +25,7 @@ from curvlab.plots import (
 )
 from curvlab.plots.style import STYLE, fit_title, fit_titles
 from curvlab.records import NETWORK, Record, to_dataframe
-from curvlab.report.findings import findings_frame, plot_findings
-
-
-def figure_label(model: str) -> str:
-    """``model`` as a figure-name part: letters, digits, ``_ . -`` only."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-.") or "model"
+from curvlab.report.findings import figure_label, findings_frame, plot_findings
 
 
 def _has(df: pd.DataFrame, section: str, **columns) -> bool:

@@ -1,5 +1,10 @@
 """The findings that open a comparison report: per model, one table, one figure, a few sentences.
 
+In a report of several models (records with ``extra["model"]``) each model's findings
+form a subsection ``findings_<model>`` of ``findings`` (:func:`findings_section`), headed
+with the model and the data (:func:`findings_titles`): its sentences, its figure
+(named like the section by :mod:`curvlab.report.figures`), its table.
+
 The table has one row per method (the reference left out) and one column per headline
 metric that the records hold (:data:`COLUMNS`): the cosine of the method's direction to
 the reference direction (the exact natural gradient by default) at the headline λ, the
@@ -13,6 +18,7 @@ step makes the most progress; every number quoted is in the table or ``results.c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +161,43 @@ def _models(df: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
     return [(str(m), df[df["model"] == m]) for m in dict.fromkeys(df["model"].dropna())]
 
 
+def figure_label(model: str) -> str:
+    """``model`` as a figure- or section-name part: letters, digits, ``_ . -`` only."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-.") or "model"
+
+
+def findings_section(model: str | None) -> str:
+    """The report section of ``model``'s findings (``"findings"`` for unnamed records)."""
+    return "findings" if model is None else f"findings_{figure_label(model)}"
+
+
+def findings_titles(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str, str]:
+    """The heading of each model's findings subsection: the model and the data."""
+    df = to_dataframe(records)
+    data = config.get("data")
+    return {
+        findings_section(model): f"{model} on '{data}'" if data else str(model)
+        for model, _ in _models(df)
+        if model is not None
+    }
+
+
+def findings_sections(
+    records: Sequence[Record], config: Mapping[str, Any]
+) -> dict[str, list[Table]]:
+    """:func:`findings_tables` by report section (:func:`findings_section`); a table in
+    its model's own subsection has no caption."""
+    df = to_dataframe(records)
+    models = [m for m, _ in _models(df)]
+    out: dict[str, list[Table]] = {}
+    for table in findings_tables(records, config):
+        model = table.title if table.title in models else None
+        if model is not None:
+            table = Table(table.columns, table.rows, table.note)
+        out.setdefault(findings_section(model), []).append(table)
+    return out
+
+
 def _label(column: Column, lam: float, reference: str) -> str:
     return column.label.format(lam=f"{lam:g}", ref=_reference_label(reference))
 
@@ -275,17 +318,29 @@ def _model_sentences(df: pd.DataFrame, lam: float, reference: str) -> list[str]:
     return out
 
 
-def findings_text(records: Sequence[Record], config: Mapping[str, Any]) -> str:
-    """The findings sentences, per model (config: ``headline_damping``, ``reference``)."""
+def findings_paragraphs(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str, str]:
+    """The findings sentences of each model by report section (:func:`findings_section`;
+    config: ``headline_damping``, ``reference``)."""
     df = to_dataframe(records)
     lam, ref = float(config["headline_damping"]), str(config.get("reference", "exact"))
-    paragraphs = []
+    out = {}
     for model, sub in _models(df):
         sentences = _model_sentences(sub, lam, ref)
         if sentences:
-            lead = f"**{model}.** " if model is not None else ""
-            paragraphs.append(lead + " ".join(sentences))
-    return "\n\n".join(paragraphs)
+            out[findings_section(model)] = " ".join(sentences)
+    return out
+
+
+def findings_text(records: Sequence[Record], config: Mapping[str, Any]) -> str:
+    """The findings sentences, one paragraph per model led by its name in bold."""
+    df = to_dataframe(records)
+    paragraphs = findings_paragraphs(records, config)
+    out = []
+    for model, _ in _models(df):
+        text = paragraphs.get(findings_section(model))
+        if text:
+            out.append((f"**{model}.** " if model is not None else "") + text)
+    return "\n\n".join(out)
 
 
 @styled

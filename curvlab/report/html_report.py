@@ -12,6 +12,7 @@ _CSS = """
 body { font-family: "DejaVu Serif", "STIX Two Text", Georgia, serif; max-width: 60rem;
        margin: 2rem auto; padding: 0 1rem; color: #111; line-height: 1.45; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; border-bottom: 1px solid #ccc; }
+h3 { font-size: 1.05rem; margin-top: 1.6rem; }
 table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
 th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: left; }
 th { background: #f3f3f3; }
@@ -51,7 +52,7 @@ def render_html(
     for section in sections:
         parts.append(f'<section id="{e(section.name)}">')
         if section.title is not None:
-            parts.append(f"<h2>{e(section.title)}</h2>")
+            parts.append(f"<h{section.level}>{e(section.title)}</h{section.level}>")
         if section.narrative:
             parts += [_paragraph(p) for p in section.narrative.split("\n\n") if p.strip()]
         for name in section.figures:

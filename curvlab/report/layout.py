@@ -2,10 +2,13 @@
 
 Sections follow in this order: narrative entries that name no record section (e.g.
 ``"summary"``, ``"findings"``) open the report, then the records' sections in order of
-first appearance.  A figure belongs to section ``s`` when its name is ``s`` or starts
-with ``s_`` / ``s-`` (the longest such section name wins); other figures get a section of
-their own.  Sections carry readable titles (:data:`TITLES`; unknown names show with
-``_`` as spaces); ``"summary"`` has none and opens the page as a paragraph.
+first appearance.  A lead section named after another one plus ``_...`` (e.g.
+``"findings_mlp"`` after ``"findings"``) is its subsection (``level`` 3).  A figure
+belongs to section ``s`` when its name is ``s`` or starts with ``s_`` / ``s-`` (the
+longest such section name wins); other figures get a section of their own.  Sections
+carry readable titles (``titles`` given to :func:`layout`, else :data:`TITLES`; unknown
+names show with ``_`` as spaces); ``"summary"`` has none and opens the page as a
+paragraph.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Section:
     narrative: str | None = None
     figures: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
+    level: int = 2
 
 
 def layout(
@@ -56,6 +60,7 @@ def layout(
     narrative: Mapping[str, str],
     tables: Mapping[str, Sequence[Table]] | None = None,
     reference: str | None = None,
+    titles: Mapping[str, str] | None = None,
 ) -> list[Section]:
     """The report's sections, in reading order (see the module docstring).
 
@@ -67,10 +72,13 @@ def layout(
             records (e.g. the findings).
         reference: The report's reference method (see
             :func:`~curvlab.report.tables.section_tables`).
+        titles: Headings per section name, in place of :func:`section_title`.
     """
     tables = dict(tables or {})
+    titles = dict(titles or {})
     record_sections = list(dict.fromkeys(r.section for r in records))
-    lead = [k for k in [*narrative, *tables] if k not in record_sections]
+    lead = list(dict.fromkeys(k for k in [*narrative, *tables] if k not in record_sections))
+    nested = {k for k in lead if any(k.startswith(f"{o}_") for o in lead if o != k)}
     known = list(dict.fromkeys(lead + record_sections))
     owner = {name: _owner(name, known) for name in figure_names}
     names = known + [s for s in dict.fromkeys(owner.values()) if s not in known]
@@ -86,10 +94,11 @@ def layout(
         sections.append(
             Section(
                 name=name,
-                title=section_title(name),
+                title=titles[name] if name in titles else section_title(name),
                 narrative=narrative.get(name),
                 figures=[f for f, s in owner.items() if s == name],
                 tables=shown,
+                level=3 if name in nested else 2,
             )
         )
     return sections

@@ -28,7 +28,7 @@ def render_markdown(
     lines = [f"# {title}", ""]
     for section in sections:
         if section.title is not None:
-            lines += [f"## {section.title}", ""]
+            lines += [f"{'#' * section.level} {section.title}", ""]
         if section.narrative:
             lines += [section.narrative.strip(), ""]
         for name in section.figures:

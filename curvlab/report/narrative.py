@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from curvlab.records import NETWORK, Record, to_dataframe
-from curvlab.report.findings import findings_text
+from curvlab.report.findings import findings_paragraphs
 
 _INTRO = {
     "cosine": (
@@ -207,7 +207,8 @@ def _layer_structure(config: Mapping[str, Any]) -> str:
 
 def narrative(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str, str]:
     """Text per section (keys are section names) plus ``"findings"``, which opens the report
-    (what was compared, then :func:`~curvlab.report.findings.findings_text`).
+    (what was compared), and each model's findings sentences
+    (:func:`~curvlab.report.findings.findings_paragraphs`, keys ``"findings_<model>"``).
 
     Args:
         records: The report's records.
@@ -226,8 +227,9 @@ def narrative(records: Sequence[Record], config: Mapping[str, Any]) -> dict[str,
         "is in results.csv and results.json; figures are in figures/ (PNG and PDF)."
         + _layer_structure(config)
     )
-    findings = findings_text(records, config)
-    text = {"findings": f"{summary}\n\n{findings}" if findings else summary}
+    text = {"findings": summary}
+    for key, paragraph in findings_paragraphs(records, config).items():
+        text[key] = f"{text[key]}\n\n{paragraph}" if key in text else paragraph
     details = {
         "cosine": lambda d: _cosine(d, lam, ref),
         "relative_error": _relative_error,

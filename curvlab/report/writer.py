@@ -49,6 +49,7 @@ def write_report(
     formats: Sequence[str] = ("png", "pdf"),
     force: bool = False,
     tables: Mapping[str, Sequence[Table]] | None = None,
+    titles: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a report of ``records`` into ``out_dir`` (created if missing).
 
@@ -65,6 +66,8 @@ def write_report(
         force: Overwrite a report already in ``out_dir``.
         tables: Tables per section name, shown instead of the ones made from the records
             (a name that is no record section, e.g. ``"findings"``, opens the report).
+        titles: Headings per section name (default: :func:`~curvlab.report.layout.
+            section_title`), e.g. of the findings of each model.
 
     Returns:
         The report folder.
@@ -88,7 +91,9 @@ def write_report(
     narrative = dict(narrative or {})
     formats = list(dict.fromkeys(formats))
     _check_inputs(records, figures, formats)
-    files = _render(records, config, figures, narrative, formats, dict(tables or {}))
+    files = _render(
+        records, config, figures, narrative, formats, dict(tables or {}), dict(titles or {})
+    )
     previous = _previous_files(out) if existing else []
     _commit(out, files)
     _remove_stale(out, previous, set(files))
@@ -122,6 +127,7 @@ def _render(
     narrative: dict[str, str],
     formats: list[str],
     tables: dict[str, Sequence[Table]],
+    titles: dict[str, str],
 ) -> dict[str, bytes]:
     """Every file of the report, by path relative to the report folder, in commit order."""
     files: dict[str, bytes] = {}
@@ -146,7 +152,7 @@ def _render(
     ]
     config_json = to_json(payload["config"]).rstrip("\n")
     reference = config.get("reference")
-    sections = layout(records, list(figures), narrative, tables, reference)
+    sections = layout(records, list(figures), narrative, tables, reference, titles)
     title = "curvlab report"
     files["results.csv"] = records_csv(records).encode("utf-8")
     files["report.html"] = render_html(title, facts, config_json, sections, figure_png).encode(
