@@ -1,5 +1,6 @@
 """Reports of degenerate records render: zero, negative, infinite, NaN and huge values
-(a diverged or saturated network) give figures, text and tables, never an exception."""
+(a diverged or saturated network) give figures, text and tables, never an exception; a
+saturated network (an exactly zero Fisher) goes through every section of compare."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 from torch import nn
 
 from curvlab.compare import compare
@@ -76,3 +78,26 @@ def test_training_plot_of_degenerate_values(value):
         Record("train", "loss", "sgd", v, index=i) for i, v in enumerate([2.3, 1.0, value, value])
     ]
     figure_bytes(plot_training(rows, metric="loss"), "png")
+
+
+def test_saturated_network_compares_and_reports():
+    """Softmax outputs exactly one-hot: every Fisher column and the Fisher are zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    with torch.no_grad():
+        model[2].bias[0] = 1e4
+    X, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    found = compare(
+        model,
+        nn.CrossEntropyLoss(),
+        X,
+        y,
+        methods=["exact", "kfac", "foof", "ekfac", "sgd"],
+        damping=[1e-2, 1.0],
+        lrs=[0.1],
+        progress=False,
+    )
+    eigen = [r.value for r in found if r.section == "spectrum" and r.method == "exact"]
+    assert all(v == 0 for v in eigen)
+    for fig in report_figures(found, 1e-2, "exact").values():
+        fig.draw_without_rendering()

@@ -194,4 +194,4 @@ class EigenBlock(Curvature):
         values, order = self.d.reshape(-1).sort(descending=True)
         keep = numerically_nonzero(values, max(self.d.shape), self.dtype).numel()
         m = top_count(values[:keep], k, TIE_RTOL)
-        return values[:m], rot.reshape(x.shape[1], -1)[:, order[:m]]
+        return values[:m], rot.reshape(x.shape[1], self.d.numel())[:, order[:m]]

@@ -113,7 +113,7 @@ class Layout(ABC):
     def to_flat(self, mat: Tensor) -> Tensor:
         """``W̄`` of shape ``(..., d_out, d_in_h)`` -> flat slice ``(..., num_params)``."""
         lead = mat.shape[:-2]
-        w = mat[..., : self.d_in].reshape(*lead, -1)
+        w = mat[..., : self.d_in].reshape(*lead, self.d_out * self.d_in)
         if not self.has_bias:
             return w
         return torch.cat([w, mat[..., self.d_in]], dim=-1)

@@ -53,7 +53,7 @@ class EmbeddingKind(MatrixKind):
 
     def to_flat(self, mat: Tensor) -> Tensor:
         """``W̄`` ``(..., d, V)`` -> flat slice ``(..., V·d)`` (weight row-major)."""
-        return mat.transpose(-1, -2).reshape(*mat.shape[:-2], -1)
+        return mat.transpose(-1, -2).reshape(*mat.shape[:-2], self.d_in * self.d_out)
 
     def weight_product(self, rows: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
         """``Σ_nt rows_nt ā_ntᵀ`` written as the weight's gradient ``(V, d)``, flat."""
