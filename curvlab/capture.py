@@ -304,7 +304,8 @@ def capture(
         mine = [call for use in info.uses for call in saved[use.name]]
         a, rows, grouped = info.read_calls(mine)
         check_finite(rows, f"output gradients of layer '{info.name}'")
-        locations = info.locations(mine[0].out)
+        # calls read as more locations of one layer: those locations, without geometry
+        locations = info.locations(mine[0].out) if len(mine) == 1 else (a.shape[1],)
 
         def columns(r: Tensor) -> Tensor:
             return r[:1] / (scale * math.sqrt(c)) if empirical else r[1:]

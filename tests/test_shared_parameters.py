@@ -75,6 +75,22 @@ class SharedResidual(nn.Module):
         return self.head(h)
 
 
+class ConvTwice(nn.Module):
+    """One ``nn.Conv2d`` applied twice with a residual: a repeated layer whose locations
+    have a geometry, read as a shared layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.view(-1, 2, 3, 3)
+        h = h + torch.tanh(self.conv(h))
+        h = torch.tanh(self.conv(h))
+        return self.head(h.flatten(1))
+
+
 class TiedOutOfOrder(nn.Module):
     """Modules registered in another order than they are called; ``second`` (registered
     first) has its own bias and the weight of ``first``, which is called twice."""
@@ -151,7 +167,6 @@ def _check_all(capt, model, ref: Tensor, g_ref: Tensor, what: str) -> None:
     bd = curvlab.BlockDiagFisher(capt)
     R.assert_close_all(R.interface_errors(bd, bd_ref, DAMPINGS), RTOL, f"{what} blockdiag")
     shared = [lc for lc in capt.layers if isinstance(lc.info, SharedKind)]
-    assert shared
     for cls in (curvlab.KFAC, curvlab.EKFAC, curvlab.FOOF):
         approx = cls(capt)
         for lc in shared:
@@ -251,11 +266,11 @@ LOSSES = {
 }
 
 
-@pytest.mark.parametrize("cls", [SharedResidual, TiedOutOfOrder])
+@pytest.mark.parametrize("cls", [SharedResidual, ConvTwice, TiedOutOfOrder])
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("fisher", ["exact", "empirical", "mc"])
 def test_shared_modules_against_dense(cls, loss_name, fisher):
-    model, (X, y) = _small(cls), _data()
+    model, (X, y) = _small(cls), _data(d=18 if cls is ConvTwice else 4)
     loss_fn, width = LOSSES[loss_name]
     if width is not None:
         y = torch.randn(X.shape[0], width, dtype=torch.float64)
@@ -271,15 +286,21 @@ def test_shared_modules_against_dense(cls, loss_name, fisher):
 
 
 def test_shared_layers_and_their_uses():
-    """The shared block is one layer read from both calls; ``second``'s tied weight
-    belongs to ``first``'s place in ``model.parameters()`` (registered there first),
-    its bias stays a layer of its own."""
+    """The Linear applied twice stays a Kronecker layer whose locations are its two
+    calls; the conv applied twice is a shared layer (found by the capture, or by one
+    forward pass); ``second``'s tied weight belongs to ``first``'s place in
+    ``model.parameters()`` (registered there first), its bias stays a layer of its own."""
     model, (X, y) = _small(SharedResidual), _data()
     capt = curvlab.capture(model, nn.CrossEntropyLoss(), X, y)
-    shared = capt.layers[1].info
-    assert isinstance(shared, SharedKind) and [u.name for u in shared.uses] == ["shared"]
-    assert type(find_layers(model)[1]).__name__ == "LinearKind"  # repeated calls: capture
-    assert isinstance(layers_in_forward(model, X)[1], SharedKind)  # or one forward pass
+    lc = capt.layers[1]
+    assert type(lc.info).__name__ == "LinearKind" and lc.info.kronecker
+    assert lc.a.shape == (X.shape[0], 2, 7) and lc.locations == (2,)
+    model, (X, y) = _small(ConvTwice), _data(d=18)
+    assert type(find_layers(model)[0]).__name__ == "ConvKind"  # repeated calls: capture
+    assert isinstance(layers_in_forward(model, X)[0], SharedKind)  # or one forward pass
+    capt = curvlab.capture(model, nn.CrossEntropyLoss(), X, y)
+    shared = capt.layers[0].info
+    assert isinstance(shared, SharedKind) and [u.name for u in shared.uses] == ["conv"]
     model = _small(TiedOutOfOrder)
     layers = {i.name: i for i in find_layers(model)}
     assert list(layers) == ["head", "second", "early"]
@@ -294,6 +315,7 @@ def test_optimizer_steps_on_a_shared_block():
     loss_fn = nn.CrossEntropyLoss()
     before = R.flatten(p.detach().clone() for p in model.parameters())
     capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
+    R.assert_capture_grad(capt, model, loss_fn, X, y)
     step = curvlab.ExactFisher(capt).natural_gradient(0.1)
     opt = curvlab.optim.NaturalGradient(model, loss_fn, lr=0.5, damping=0.1, fisher="exact")
     opt.step(X, y)
@@ -301,7 +323,11 @@ def test_optimizer_steps_on_a_shared_block():
     assert R.rel_err(after, before - 0.5 * step) <= RTOL
     kfac = curvlab.optim.KFAC(model, loss_fn, lr=0.1, damping=0.1)
     kfac.step(X, y)
-    assert kfac.preconditioner.layer_structure["shared"] == "exact"
+    assert kfac.preconditioner.layer_structure["shared"] == "kronecker"
+    model, (X, y) = _small(ConvTwice), _data(d=18)
+    kfac = curvlab.optim.KFAC(model, loss_fn, lr=0.1, damping=0.1)
+    kfac.step(X, y)
+    assert kfac.preconditioner.layer_structure["conv"] == "exact"
 
 
 def test_shared_layer_memory_budget(monkeypatch):
@@ -357,3 +383,46 @@ def test_attention_called_twice_against_dense():
     params = list(R.trainable_params(model).values())
     g_ref = R.flatten(torch.autograd.grad(S.user_loss(loss_fn, model(x), y), params))
     _check_all(capt, model, S.dense_ggn(model, loss_fn, x, y), g_ref, "attention twice")
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_kfac_of_a_linear_called_twice(approx):
+    """KFAC of the Linear applied twice, against factors built here from hooks and
+    autograd: the two calls are the weight-sharing dimension (expand: ``A`` averages
+    ``ā āᵀ`` over samples and calls, ``G = s Σ e eᵀ``; reduce: the calls' mean input and
+    summed output-gradient per sample)."""
+    model, (X, y) = _small(SharedResidual), _data()
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
+    inputs, outputs = [], []
+
+    def hook(module, args, out):
+        inputs.append(args[0])
+        outputs.append(out)
+
+    handle = model.shared.register_forward_hook(hook)
+    f = model(X)
+    handle.remove()
+    n, k = X.shape[0], len(outputs)
+    a = torch.stack([torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1) for x in inputs], 1)
+    e = torch.stack(
+        [
+            torch.stack(torch.autograd.grad(f, outputs, col, retain_graph=True), 1)
+            for col in capt.columns
+        ]
+    )  # (C', N, calls, d_out)
+    s = capt.scale
+    if approx == "expand":
+        A = torch.einsum("nki,nkj->ij", a, a) / (n * k)
+        G = s * torch.einsum("cnko,cnkp->op", e, e)
+    else:
+        am, es = a.mean(1), e.sum(2)
+        A, G = am.T @ am / n, s * torch.einsum("cno,cnp->op", es, es)
+    d_out, d_in = model.shared.weight.shape
+    wb = torch.kron(G, A)  # row-major [W | b]
+    pos = torch.arange(d_out * (d_in + 1)).view(d_out, d_in + 1)
+    flat = torch.cat([pos[:, :d_in].reshape(-1), pos[:, d_in]])
+    expect = wb[flat][:, flat]
+    kfac = curvlab.KFAC(capt, damping_mode="standard", kfac_approx=approx)
+    assert kfac.layer_structure["shared"] == "kronecker"
+    assert R.rel_err(kfac.blocks["shared"].to_dense(), expect) <= RTOL

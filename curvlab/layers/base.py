@@ -259,10 +259,16 @@ class ModuleCall:
 
 
 class ModuleKind(LayerKind):
-    """One module called once per forward pass, read from that call."""
+    """One module, read from its call (or, where :attr:`calls_as_locations`, from all of
+    its calls)."""
 
     #: Peak memory of :meth:`sample_gradients` in units of its result.
     memory_factor: int = 1
+
+    #: Whether several calls of the module are read as more locations of one call (a
+    #: matrix layer whose locations carry no geometry); otherwise a module called more
+    #: than once is read as a :class:`~curvlab.layers.shared.SharedKind`.
+    calls_as_locations: bool = False
 
     @property
     def uses(self) -> list[ModuleKind]:
@@ -388,6 +394,20 @@ class MatrixKind(ModuleKind):
 
     def read(self, x: Tensor, out: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
         return self.unfold(x), self.output_rows(grads)
+
+    def read_calls(
+        self, calls: Sequence[ModuleCall]
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """One call as :meth:`read`; with :attr:`calls_as_locations`, several calls as
+        the locations of all of them, ``ā`` ``(N, Σ T_call, d_in_h)`` and output rows
+        ``(B, N, Σ T_call, d_out)``: ``Γ_nc = Σ_calls Σ_t e_nct ā_ntᵀ`` is the sum over
+        the calls, and the calls are the weight-sharing dimension of KFAC's "expand" and
+        "reduce" factors (as the positions of a sequence are)."""
+        if len(calls) == 1 or not self.calls_as_locations:
+            return super().read_calls(calls)
+        parts = [self.read(c.x, c.out, c.grads) for c in calls]
+        a = torch.cat([p[0] for p in parts], dim=1)
+        return a, torch.cat([p[1] for p in parts], dim=2), None
 
 
 class PerSampleKind(ModuleKind):

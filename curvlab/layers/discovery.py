@@ -179,10 +179,13 @@ def module_kinds(model: nn.Module) -> list[ModuleKind]:
 def share_repeated(layers: list[LayerKind], calls: Mapping[str, int]) -> list[LayerKind]:
     """``layers`` with every single-module layer whose module was called more than once
     (``calls``: module name -> calls in the forward pass) read as a :class:`SharedKind`
-    of those calls (same parameters, same flat-layout slice)."""
+    of those calls (same parameters, same flat-layout slice), unless its kind reads the
+    calls as more locations (``calls_as_locations``: Linear, Embedding)."""
     return [
         SharedKind(info.name, info.module, info.offset, info.params, [info])
-        if isinstance(info, ModuleKind) and calls.get(info.name, 0) > 1
+        if isinstance(info, ModuleKind)
+        and not info.calls_as_locations
+        and calls.get(info.name, 0) > 1
         else info
         for info in layers
     ]

@@ -24,6 +24,8 @@ from curvlab.layers.base import MatrixKind
 class EmbeddingKind(MatrixKind):
     """``nn.Embedding`` (weight ``(V, d)``): ``W̄ = Wᵀ`` on one-hot rows ``(N, T, V)``."""
 
+    calls_as_locations = True
+
     def __init__(self, name: str, module: nn.Module, offset: int):
         super().__init__(name, module, offset)
         options = {"max_norm": module.max_norm is not None, "sparse": module.sparse}

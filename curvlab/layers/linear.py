@@ -12,6 +12,8 @@ from curvlab.layers.base import MatrixKind
 class LinearKind(MatrixKind):
     """``nn.Linear`` (weight ``(d_out, d_in)``, optional bias)."""
 
+    calls_as_locations = True
+
     def unfold(self, x: Tensor) -> Tensor:
         """``(N, ..., d_in)`` -> ``(N, T, d_in_h)`` with a trailing 1 for a bias."""
         a = x.reshape(x.shape[0], -1, x.shape[-1])

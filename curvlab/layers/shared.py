@@ -1,8 +1,8 @@
 """Parameters used by several module calls: tied weights and modules called repeatedly.
 
 When a parameter enters the forward pass through more than one call — an embedding
-matrix reused as the output head, one ``nn.Linear`` applied twice — its per-(sample,
-column) gradient is the sum of what each call contributes,
+matrix reused as the output head, one convolution, norm or attention module applied
+twice — its per-(sample, column) gradient is the sum of what each call contributes,
 
     ∂(g_ncᵀ f_n)/∂θ = Σ_calls Γ_nc^call,
 
@@ -14,7 +14,10 @@ reads every call of every module that uses them: each call's per-sample gradient
 output-gradients scattered to its tokens, a Linear's ``Σ_t e_nt ā_ntᵀ``) are added into
 the parameters' places.  The result is presented like a per-sample kind (``ā = 1``,
 ``T = 1``, output rows = the per-sample gradients), so every exact object is exact for
-it; it has no Kronecker factors, so the approximations use its exact block.
+it; it has no Kronecker factors, so the approximations use its exact block.  (A
+Linear or Embedding called several times is no shared layer: its calls are read as more
+locations of its own kind, ``ModuleKind.calls_as_locations``, which keeps its Kronecker
+factors.)
 
 A module whose parameters are split between layers (a tied head ``nn.Linear`` with its
 own bias) contributes to each: the tied weight's layer and a layer of its remaining
