@@ -144,8 +144,8 @@ def check_targets(loss_fn: nn.Module, output: Tensor, targets: Tensor) -> None:
         raise ShapeError(
             f"CrossEntropyLoss on outputs {tuple(output.shape)} with targets "
             f"{tuple(targets.shape)} is ambiguous: PyTorch reads dimension 1 as the classes, "
-            "curvlab the last one. Make the two sizes differ, or flatten the positions "
-            "into the batch (out.flatten(0, -2), y.flatten())."
+            "curvlab the last one. Make the two sizes differ (e.g. one more output class "
+            "than the classes used, or one position fewer)."
         )
     valid = targets[targets != loss_fn.ignore_index]
     if valid.numel() and (valid.min() < 0 or valid.max() >= k):
