@@ -3,8 +3,8 @@
 * :func:`curvlab_ng`: ``curvlab.capture(..., gradient=False)`` +
   ``ExactFisher(capt).natural_gradient(λ)`` (the fast path: works from the gradient's
   output rows); :func:`curvlab_solve_ng`: ``curvlab.capture`` +
-  ``ExactFisher(capt).solve(capt.grad, λ)`` (the generic solve, for comparison), and
-  :func:`curvlab_default_capture_ng`: the same default capture + ``natural_gradient``.
+  ``ExactFisher(capt).solve(capt.grad, λ)`` (the generic solve, for comparison);
+  ``curvlab_ng(..., gradient=True)``: the same default capture + ``natural_gradient``.
 * :func:`materialised_ng`: per-sample (per-column) gradients ``Uᵀ`` materialised with
   ``torch.func`` (``vmap`` over samples of a ``vjp`` with the ``C'`` Fisher columns as
   cotangents), then the dense solve in the small space:
@@ -42,6 +42,18 @@ def _generator(fisher: str, seed: int, device: torch.device) -> torch.Generator 
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _capture(model, loss_fn, x, y, fisher: str, seed: int, gradient: bool) -> curvlab.Capture:
+    return curvlab.capture(
+        model,
+        loss_fn,
+        x,
+        y,
+        fisher=fisher,
+        generator=_generator(fisher, seed, x.device),
+        gradient=gradient,
+    )
+
+
 def curvlab_ng(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -50,17 +62,14 @@ def curvlab_ng(
     fisher: str,
     damping: float,
     seed: int = 0,
+    gradient: bool = False,
 ) -> Tensor:
-    """curvlab end to end: one capture and ``ExactFisher.natural_gradient``."""
-    capt = curvlab.capture(
-        model,
-        loss_fn,
-        x,
-        y,
-        fisher=fisher,
-        generator=_generator(fisher, seed, x.device),
-        gradient=False,
-    )
+    """curvlab end to end: one capture and ``ExactFisher.natural_gradient``.
+
+    ``gradient=True`` runs the default capture (which also forms ``capt.grad``), the one
+    :func:`curvlab_solve_ng` runs, so that the two routes can be compared after the same
+    capture."""
+    capt = _capture(model, loss_fn, x, y, fisher, seed, gradient)
     return curvlab.ExactFisher(capt).natural_gradient(damping)
 
 
@@ -74,27 +83,8 @@ def curvlab_solve_ng(
     seed: int = 0,
 ) -> Tensor:
     """curvlab end to end through the generic ``solve(capt.grad, λ)``."""
-    capt = curvlab.capture(
-        model, loss_fn, x, y, fisher=fisher, generator=_generator(fisher, seed, x.device)
-    )
+    capt = _capture(model, loss_fn, x, y, fisher, seed, gradient=True)
     return curvlab.ExactFisher(capt).solve(capt.grad, damping)
-
-
-def curvlab_default_capture_ng(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    fisher: str,
-    damping: float,
-    seed: int = 0,
-) -> Tensor:
-    """``natural_gradient`` after the same default ``capture`` that :func:`curvlab_solve_ng`
-    runs (``gradient=True``): the two routes from one kind of capture."""
-    capt = curvlab.capture(
-        model, loss_fn, x, y, fisher=fisher, generator=_generator(fisher, seed, x.device)
-    )
-    return curvlab.ExactFisher(capt).natural_gradient(damping)
 
 
 def materialised_bytes(n: int, columns: int, params: int, itemsize: int = 4) -> int:

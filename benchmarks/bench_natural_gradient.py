@@ -34,7 +34,6 @@ import time
 from benchmarks import common as C
 from benchmarks.baselines import (
     cg_ng,
-    curvlab_default_capture_ng,
     curvlab_ng,
     curvlab_solve_ng,
     materialised_bytes,
@@ -91,7 +90,7 @@ def worker(cfg: dict) -> dict:
             "plain": lambda: C.plain_gradient(model, loss_fn, x, y),
             "curvlab": lambda: curvlab_ng(model, loss_fn, x, y, fisher, lam),
             "solve": lambda: curvlab_solve_ng(model, loss_fn, x, y, fisher, lam),
-            "ng_same": lambda: curvlab_default_capture_ng(model, loss_fn, x, y, fisher, lam),
+            "ng_same": lambda: curvlab_ng(model, loss_fn, x, y, fisher, lam, gradient=True),
             "materialised": lambda: materialised_ng(model, loss_fn, x, y, fisher, lam),
             "cg": lambda: cg_ng(model, loss_fn, x, y, fisher, lam, time_limit=cfg["cg_time_limit"]),
         }
@@ -220,20 +219,11 @@ def main(argv: list[str]) -> None:
                     row = dict(model=model, P=n_params, N=n, fisher=fisher, method=method)
                     reason = skip_reason(cfg, n_params)
                     if reason is None:
-                        row["cpu_busy_pct"] = C.wait_quiet()
-                        row.update(C.run_worker("benchmarks.bench_natural_gradient", cfg))
+                        row.update(C.run_configuration("benchmarks.bench_natural_gradient", cfg))
                     else:
                         row["note"] = reason
-                    if "error" in row:
-                        row["note"] = row.pop("error")
-                    rows.append(row)
-                    print(C.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
-                    C.save_results(args.name, dict(info=info, command=C.command_line(), rows=rows))
-    payload = dict(info=info, command=C.command_line(), damping=args.damping, rows=rows)
-    path = C.save_results(args.name, payload)
-    print()
-    print(C.markdown_table(rows, COLUMNS))
-    print(f"\nsaved {path}")
+                    C.record_row(rows, row, args.name, info, COLUMNS)
+    C.finish(args.name, info, rows, COLUMNS, damping=args.damping)
 
 
 COLUMNS = [

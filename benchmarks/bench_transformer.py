@@ -181,18 +181,9 @@ def main(argv: list[str]) -> None:
                     cg_time_limit=args.cg_time_limit,
                     curvlab_gib=args.curvlab_gib,
                 )
-                row["cpu_busy_pct"] = C.wait_quiet()
-                row.update(C.run_worker("benchmarks.bench_transformer", cfg))
-                if "error" in row:
-                    row["note"] = row.pop("error")
-            rows.append(row)
-            print(C.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
-            C.save_results(name, dict(info=info, command=C.command_line(), rows=rows))
-    payload = dict(info=info, command=C.command_line(), damping=args.damping, rows=rows)
-    path = C.save_results(name, payload)
-    print()
-    print(C.markdown_table(rows, COLUMNS))
-    print(f"\nsaved {path}")
+                row.update(C.run_configuration("benchmarks.bench_transformer", cfg))
+            C.record_row(rows, row, name, info, COLUMNS)
+    C.finish(name, info, rows, COLUMNS, damping=args.damping)
 
 
 COLUMNS = [

@@ -334,6 +334,15 @@ def run_worker(module: str, config: dict, timeout: float = 1800.0) -> dict:
     return {"error": f"worker exited with {proc.returncode}: {' | '.join(tail)}"}
 
 
+def run_configuration(module: str, config: dict) -> dict:
+    """:func:`wait_quiet`, then :func:`run_worker`; a worker's error becomes the ``note``."""
+    row = {"cpu_busy_pct": wait_quiet()}
+    row.update(run_worker(module, config))
+    if "error" in row:
+        row["note"] = row.pop("error")
+    return row
+
+
 def worker_entry(argv: Sequence[str], fn: Callable[[dict], dict]) -> bool:
     """If ``argv`` asks for worker mode, run ``fn(config)``, print its result, return True."""
     if len(argv) >= 2 and argv[0] == "--worker":
@@ -376,6 +385,23 @@ def save_results(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1, default=str))
     return path
+
+
+def record_row(rows: list[dict], row: dict, name: str, info: dict, columns: Sequence[str]) -> None:
+    """Append ``row``, print it as a table line and save the rows so far (a long run
+    keeps what it measured if it is stopped)."""
+    rows.append(row)
+    print(markdown_table([row], columns).splitlines()[-1], flush=True)
+    save_results(name, dict(info=info, command=command_line(), rows=rows))
+
+
+def finish(name: str, info: dict, rows: list[dict], columns: Sequence[str], **extra) -> None:
+    """Save the final payload (``extra`` beside the rows), print the whole table and where
+    it was saved."""
+    path = save_results(name, dict(info=info, command=command_line(), **extra, rows=rows))
+    print()
+    print(markdown_table(rows, columns))
+    print(f"\nsaved {path}")
 
 
 def command_line() -> str:
