@@ -71,3 +71,24 @@ def dense_from_columns(model, X, columns: Tensor, scale: float) -> Tensor:
     J = jacrev(fn)(theta)  # (N, T, K, P)
     U = torch.einsum("cntk,ntkp->cnp", columns, J).reshape(-1, theta.numel())
     return scale * U.T @ U
+
+
+class ClassesFirst(nn.Module):
+    """Moves the classes of ``(N, ..., K)`` outputs to dimension 1, the layout in which
+    curvlinops' operators call a cross-entropy loss (``nn.Sequential(model, ClassesFirst())``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.movedim(-1, 1)
+
+
+def curvlinops_ggn(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    """curvlinops' dense ``GGNLinearOperator`` of ``model`` (classes moved first, under the
+    math attention kernel that its forward-mode AD needs), in ``model.parameters()`` order."""
+    import curvlinops
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = list(R.trainable_params(model).values())
+    peer = nn.Sequential(model, ClassesFirst())
+    with sdpa_kernel(SDPBackend.MATH):
+        op = curvlinops.GGNLinearOperator(peer, loss_fn, params, [(X, y)])
+        return op @ torch.eye(sum(p.numel() for p in params), dtype=torch.float64)

@@ -277,25 +277,14 @@ def test_attention_projections_are_kronecker_layers(name):
 
 
 def test_attention_ggn_matches_curvlinops():
-    curvlinops = pytest.importorskip("curvlinops")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    pytest.importorskip("curvlinops")
     for name in ("self-batch-first", "cross-seq-first"):
         model, x, y = _build(name)
         y = y.clamp(min=0)  # curvlinops' GGN: no ignored targets
         loss_fn = nn.CrossEntropyLoss()
-        params = list(R.trainable_params(model).values())
-        peer = nn.Sequential(model, _ClassesFirst())  # curvlinops reads CE classes at dim 1
-        with sdpa_kernel(SDPBackend.MATH):
-            op = curvlinops.GGNLinearOperator(peer, loss_fn, params, [(x, y)])
-            G = op @ torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
+        G = S.curvlinops_ggn(model, loss_fn, x, y)
         capt = curvlab.capture(model, loss_fn, x, y, fisher="exact")
         assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), G) <= RTOL, name
-
-
-class _ClassesFirst(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.movedim(-1, 1)
 
 
 class _WeightsInLoss(SelfAttentionLM):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import pytest
 import reference as R
+import sequence_reference as S
 import torch
 from conftest import RTOL
 from torch import Tensor, nn
@@ -38,17 +39,6 @@ MC_SAMPLES = 2000
 MC_TOL = 0.1
 LINEARS = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.0", "blocks.0.mlp.2", "head"]
 AFTER_MIXING = LINEARS[1:]
-
-
-class _ClassesFirst(nn.Module):
-    """The LM with CE classes at dim 1, the layout curvlinops' loss call expects."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x).movedim(-1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +70,7 @@ def _curvlinops_kfac(model, x, y, approx: str, fisher_type: str) -> Tensor:
     kwargs = {"mc_samples": MC_SAMPLES, "seed": 3} if fisher_type == "mc" else {}
     with sdpa_kernel(SDPBackend.MATH):
         op = curvlinops.KFACLinearOperator(
-            _ClassesFirst(model),
+            nn.Sequential(model, S.ClassesFirst()),
             nn.CrossEntropyLoss(),
             params,
             [(x, y)],

@@ -174,7 +174,7 @@ def test_empirical_matches_curvlinops():
     model, X = _model(), _inputs()
     y = torch.randint(0, K, (N, T), generator=torch.Generator().manual_seed(5))
     loss_fn = nn.CrossEntropyLoss()
-    peer_model = nn.Sequential(model, _ClassesFirst())  # curvlinops: class dimension 1
+    peer_model = nn.Sequential(model, S.ClassesFirst())  # curvlinops: class dimension 1
     params = list(R.trainable_params(model).values())
     op = curvlinops.EFLinearOperator(peer_model, loss_fn, params, [(X, y)])
     E = op @ torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
@@ -184,8 +184,3 @@ def test_empirical_matches_curvlinops():
     G = ggn @ torch.eye(E.shape[0], dtype=torch.float64)
     capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
     assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), G) <= RTOL
-
-
-class _ClassesFirst(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.movedim(-1, 1)

@@ -216,25 +216,14 @@ def test_tied_transformer_mse_on_sequences():
 
 
 def test_tied_transformer_ggn_matches_curvlinops():
-    curvlinops = pytest.importorskip("curvlinops")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    pytest.importorskip("curvlinops")
     model, (x, y) = _tied_transformer(), _tokens()
     y = y.clamp(min=0)  # curvlinops' GGN: no ignored targets
     loss_fn = nn.CrossEntropyLoss()
-    params = list(R.trainable_params(model).values())
-    peer = nn.Sequential(model, _ClassesFirst())  # curvlinops reads CE classes at dim 1
-    with sdpa_kernel(SDPBackend.MATH):
-        op = curvlinops.GGNLinearOperator(peer, loss_fn, params, [(x, y)])
-        G = op @ torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
+    G = S.curvlinops_ggn(model, loss_fn, x, y)
     capt = curvlab.capture(model, loss_fn, x, y, fisher="exact")
     R.assert_capture_grad(capt, model, _TokenCE(), x, y)
     assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), G) <= RTOL
-
-
-class _ClassesFirst(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.movedim(-1, 1)
 
 
 class _TokenCE(nn.CrossEntropyLoss):

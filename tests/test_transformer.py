@@ -70,24 +70,13 @@ def test_tiny_transformer_against_dense(fisher):
 
 
 def test_tiny_transformer_ggn_matches_curvlinops():
-    curvlinops = pytest.importorskip("curvlinops")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    pytest.importorskip("curvlinops")
     model, (x, y) = _tiny(), _data()
     y = y.clamp(min=0)  # curvlinops' GGN: no ignored targets
     loss_fn = nn.CrossEntropyLoss()
-    params = list(R.trainable_params(model).values())
-    peer = nn.Sequential(model, _ClassesFirst())  # curvlinops reads CE classes at dim 1
-    with sdpa_kernel(SDPBackend.MATH):
-        op = curvlinops.GGNLinearOperator(peer, loss_fn, params, [(x, y)])
-        G = op @ torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
+    G = S.curvlinops_ggn(model, loss_fn, x, y)
     capt = curvlab.capture(model, loss_fn, x, y, fisher="exact")
     assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), G) <= RTOL
-
-
-class _ClassesFirst(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.movedim(-1, 1)
 
 
 def test_text_dataset():
