@@ -13,7 +13,10 @@ Numerics: ``K``, ``Uᵀ v``, ``U c`` and ``(v − U c)/λ`` are all computed in 
 compute dtype.  ``K`` needs it as much as the vector algebra: ``K = UᵀU`` squares the
 condition number of ``U``, so float32 rounding in ``K`` costs up to ``cond(U)`` times
 the error that float32 data allow (measured 5–60x at small damping), while float64
-assembly keeps the solve within the accuracy of the captured data.
+assembly keeps the solve within the accuracy of the captured data.  A layer's per-sample
+gradients (sums over its locations, :mod:`curvlab.curvature.gram`) are formed in float32
+for such captures and promoted before they meet: a rounding of the order of the captured
+data's own (at most 2x the attainable error in tests/test_float32_solves.py).
 
 :class:`ExactFisher` covers all layers; :class:`BlockDiagFisher` keeps only each
 layer's diagonal block.
@@ -48,6 +51,15 @@ from curvlab.numerics import (
 )
 
 
+class KeepRoom:
+    """Bytes that Gram objects built together (an :class:`ExactFisher` and its blocks,
+    the blocks of a :class:`BlockDiagFisher`) may still spend on kept per-sample
+    gradients; a kept ``U_lᵀ`` takes its bytes from ``left`` for the objects' lifetime."""
+
+    def __init__(self, nbytes: int):
+        self.left = nbytes
+
+
 class GramFisher(Curvature):
     """``s U Uᵀ`` restricted to a set of layers, handled through its Gram matrix.
 
@@ -59,6 +71,8 @@ class GramFisher(Curvature):
             ``curvlab.config.options.memory_budget``).
         scheme: Gram scheme for layers with ``T > 1`` (``"auto"``, ``"pairs"``,
             ``"per_sample"``).
+        room: Bytes left for kept per-sample gradients, shared with the objects built
+            together with this one (default: a new room of half the memory budget).
     """
 
     def __init__(
@@ -67,6 +81,7 @@ class GramFisher(Curvature):
         layers: list[LayerCapture] | None = None,
         memory_budget: int | None = None,
         scheme: str = "auto",
+        room: KeepRoom | None = None,
     ):
         self._layers = list(capture.layers if layers is None else layers)
         self.scale = capture.scale
@@ -76,7 +91,9 @@ class GramFisher(Curvature):
         self.dtype = compute_dtype(capture.dtype)
         self._capture, self._scheme = capture, scheme
         self._sizes = [lc.info.num_params for lc in self._layers]
-        self._check_budget(options.memory_budget if memory_budget is None else memory_budget)
+        budget = options.memory_budget if memory_budget is None else memory_budget
+        self._check_budget(budget)
+        self._room = KeepRoom(budget // 2) if room is None else room
         self._gram: Tensor | None = None
         self._factor: tuple[float, Tensor] | None = None
         # layer name -> (U_lᵀ (N C', P_l), ∇_l (P_l,) or None) in [W | b] row-major, float64
@@ -106,12 +123,12 @@ class GramFisher(Curvature):
         """Assemble and keep ``K``; with ``cross`` also return ``Uᵀ∇L`` (float64,
         ``(N C',)``) from the gradient rows, at the cost of ``N`` more output columns.
 
-        Layers whose Gram went through their per-sample gradients ``U_lᵀ`` keep them,
-        with the layer gradient ``∇_l`` where known (from the gradient rows, or
-        ``r·Σ_n U_lᵀ`` for the empirical Fisher), when they are no larger than the
-        layer's rows ``ā`` and all kept together fit half the memory budget: ``Uᵀv``,
-        ``U c`` and :meth:`natural_gradient` then use them instead of contracting over
-        every location again."""
+        Layers whose Gram went through their per-sample gradients ``U_lᵀ`` (formed in
+        float32 for float32 and half captures, promoted to float64) keep them, with the
+        layer gradient ``∇_l`` where known (from the gradient rows, or ``r·Σ_n U_lᵀ``
+        for the empirical Fisher), while they fit the shared room (:class:`KeepRoom`):
+        ``Uᵀv``, ``U c`` and :meth:`natural_gradient` then use them instead of
+        contracting over every location again."""
         total = torch.zeros(
             self.num_columns, self.num_columns, dtype=SOLVE_DTYPE, device=self.device
         )
@@ -119,14 +136,10 @@ class GramFisher(Curvature):
             torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device) if cross else None
         )
         ratio = self._capture.grad_ratio
-        room = options.memory_budget // 2 - sum(
-            u.numel() * u.element_size() for u, _ in self._kept.values()
-        )
         for lc in self._layers:
-            a, e = lc.a.to(SOLVE_DTYPE), lc.e.to(SOLVE_DTYPE)
-            g = lc.g.to(SOLVE_DTYPE) if utg is not None else None
-            keep = max(room, 0)
-            k, x, kept = layer_gram_and_rows(a, e, g, self._scheme, keep)
+            g = lc.g if utg is not None else None
+            keep = max(self._room.left, 0)
+            k, x, kept = layer_gram_and_rows(lc.a, lc.e, g, self._scheme, keep, SOLVE_DTYPE)
             total += k
             if utg is not None:
                 utg += x
@@ -135,7 +148,7 @@ class GramFisher(Curvature):
                 if grad is None and ratio is not None and lc.g is not None:
                     grad = u.sum(dim=0).mul_(ratio)  # empirical: g = r·e
                 self._kept[lc.name] = (u, grad)
-                room -= u.numel() * u.element_size()
+                self._room.left -= u.numel() * u.element_size()
         self._gram = total
         return utg
 
@@ -145,7 +158,8 @@ class GramFisher(Curvature):
         if len(self._layers) == 1:
             return {self._layers[0].name: self}
         return {
-            lc.name: GramFisher(self._capture, [lc], scheme=self._scheme) for lc in self._layers
+            lc.name: GramFisher(self._capture, [lc], scheme=self._scheme, room=self._room)
+            for lc in self._layers
         }
 
     def _split(self, v: Tensor) -> list[Tensor]:
@@ -431,8 +445,13 @@ class BlockDiagFisher(LayerwiseCurvature):
 
     def __init__(self, capture: Capture, memory_budget: int | None = None, scheme: str = "auto"):
         require_independent(capture.coupling, "BlockDiagFisher")
+        budget = options.memory_budget if memory_budget is None else memory_budget
+        room = KeepRoom(budget // 2)
         super().__init__(
-            {lc.name: GramFisher(capture, [lc], memory_budget, scheme) for lc in capture.layers}
+            {
+                lc.name: GramFisher(capture, [lc], memory_budget, scheme, room)
+                for lc in capture.layers
+            }
         )
         self._capture = capture
 

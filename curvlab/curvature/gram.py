@@ -22,7 +22,13 @@ import torch
 from torch import Tensor
 
 from curvlab.config import options
-from curvlab.numerics import check_choice, symmetric_block_rows, symmetric_mm
+from curvlab.numerics import (
+    SYMMETRIC_BLOCKS,
+    SYMMETRIC_MIN_ROWS,
+    check_choice,
+    symmetric_block_rows,
+    symmetric_mm,
+)
 
 SCHEMES = ("auto", "pairs", "per_sample")
 
@@ -59,7 +65,7 @@ def layer_gram(a: Tensor, e: Tensor, scheme: str = "auto") -> Tensor:
     Returns:
         ``K_l`` of shape ``(N C', N C')`` in the dtype of ``a``, rows ordered ``(n, c)``.
     """
-    return _assemble(a, e, None, scheme)[0]
+    return _assemble(a, e, None, scheme, 0, a.dtype)[0]
 
 
 def layer_gram_and_cross(
@@ -82,38 +88,58 @@ def layer_gram_and_cross(
         ``K_l`` ``(N C', N C')`` and ``U_lᵀ ∇_l`` ``(N C',)``, in the dtype of ``a``,
         ordered ``(n, c)``.
     """
-    gram, cross, _ = _assemble(a, e, g, scheme)
+    gram, cross, _ = _assemble(a, e, g, scheme, 0, a.dtype)
     assert cross is not None
     return gram, cross
 
 
 def layer_gram_and_rows(
-    a: Tensor, e: Tensor, g: Tensor | None, scheme: str = "auto", keep_bytes: int = 0
+    a: Tensor,
+    e: Tensor,
+    g: Tensor | None,
+    scheme: str = "auto",
+    keep_bytes: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor | None] | None]:
     """:func:`layer_gram_and_cross` (``U_lᵀ ∇_l`` only when ``g`` is given), and the
     layer's per-column gradients ``U_lᵀ`` ``(N C', d_out·d_in_h)`` with its gradient
     ``∇_l`` (``None`` without ``g``), both ``[W | b]`` row-major, when the per-sample
-    scheme formed them in one piece anyway, ``U_lᵀ`` is no larger than ``a`` and takes at
-    most ``keep_bytes``; else ``None``.  With them ``U_l c`` costs ``N C' P_l`` instead of
-    a contraction over every location."""
-    return _assemble(a, e, g, scheme, keep_bytes)
+    scheme formed them and ``U_lᵀ`` takes at most ``keep_bytes``; else ``None``.  With
+    them ``U_l c`` costs ``N C' P_l`` instead of a contraction over every location.
+
+    ``dtype`` (default: that of ``a``) is the dtype of every result.  The location-pair
+    scheme promotes ``a``, ``e`` and ``g`` to it first.  The per-sample scheme forms
+    ``U_lᵀ`` and ``∇_l`` (sums over locations) in :func:`forming_dtype` and promotes them
+    to ``dtype`` before any product of two of them, so a float32 capture's Gram is still
+    assembled in float64 (its per-sample gradients carry float32 rounding of the order
+    of the captured data's own)."""
+    return _assemble(a, e, g, scheme, keep_bytes, dtype or a.dtype)
+
+
+def forming_dtype(dtype: torch.dtype, result: torch.dtype) -> torch.dtype:
+    """Dtype in which per-sample gradients and layer gradients (sums over locations of
+    captured products) are formed for captured ``dtype`` and results in ``result``:
+    float32 for float32 and half captures, never wider than ``result``."""
+    formed = torch.promote_types(dtype, torch.float32)
+    return result if result.itemsize < formed.itemsize else formed
 
 
 def _assemble(
-    a: Tensor, e: Tensor, g: Tensor | None, scheme: str, keep_bytes: int = 0
+    a: Tensor, e: Tensor, g: Tensor | None, scheme: str, keep_bytes: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor | None] | None]:
     check_choice("scheme", scheme, SCHEMES)
     c, n, t, d_out = e.shape
     if scheme == "auto":
         scheme = choose_scheme(n, c, t, a.shape[-1], d_out)
-    ee = e.permute(1, 0, 2, 3)  # (N, C', T, d_out)
     if scheme == "per_sample":
-        keep = c * d_out <= t and n * c * d_out * a.shape[-1] * a.element_size() <= keep_bytes
-        return _gram_per_sample(a, ee, g, keep)
+        return _gram_per_sample(a, e.permute(1, 0, 2, 3), g, keep_bytes, dtype)
+    a, e = a.to(dtype), e.to(dtype)
+    g = None if g is None else g.to(dtype)
+    ee = e.permute(1, 0, 2, 3)  # (N, C', T, d_out)
     if t == 1:
         gram, cross = _gram_single_location(a[:, 0], ee[:, :, 0], None if g is None else g[:, 0])
     else:
-        gram, cross = _pairs_rows(a, ee, a, ee, g)
+        gram, cross = _pairs_symmetric(a, ee, g)
     return gram, cross, None
 
 
@@ -139,6 +165,41 @@ def _gram_single_location(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tenso
         if cross is not None:
             eg = (rows @ g.T).view(j - i, c, n)
             cross[i * c : j * c] = (eg * aa[i:j, None, :]).sum(-1).reshape(-1)
+    return out, cross
+
+
+def _pairs_symmetric(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The whole location-pair Gram of ``a (N, T, d)``, ``e (N, C', T, o)`` from its lower
+    block triangle (the samples of a block against those up to the block's end),
+    mirrored; with gradient rows ``g (N, T, o)`` also ``Σ_m Σ_tt' (ā_nt·ā_mt')(e_nct·g_mt')``.
+
+    Each block's input products ``ā·ā'`` (the dominant cost for wide inputs) serve both
+    ``n``'s cross term and, by their symmetry, that of the earlier samples ``m``, so every
+    product of two samples' rows is formed once.  Blocks hold at least
+    ``SYMMETRIC_MIN_ROWS`` location rows and at most ``chunk_bytes`` of temporaries."""
+    n, c, t, o = e.shape
+    e_flat, a_flat = e.reshape(n * c * t, o), a.reshape(n * t, -1)
+    g_flat = None if g is None else g.reshape(n * t, o)
+    out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
+    cross = None if g is None else a.new_zeros(n * c)
+    blocks = max(-(-n // SYMMETRIC_BLOCKS), -(-SYMMETRIC_MIN_ROWS // t))
+    step = min(_rows_per_chunk(t * t * n * (c + 1) ** 2, a.element_size()), blocks)
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        b = j - i
+        rows = e_flat[i * c * t : j * c * t]
+        ee = (rows @ e_flat[: j * c * t].T).view(b, c, t, j, c, t)
+        aa = (a_flat[i * t : j * t] @ a_flat[: j * t].T).view(b, t, j, t)
+        block = torch.einsum("bxtmys,btms->bxmy", ee, aa).reshape(b * c, j * c)
+        out[i * c : j * c, : j * c] = block
+        out[: i * c, i * c : j * c] = block[:, : i * c].T
+        if cross is None:
+            continue
+        eg = (rows @ g_flat[: j * t].T).view(b, c, t, j, t)  # e_nct·g_ms, s up to the block
+        cross[i * c : j * c] += torch.einsum("bxtms,btms->bx", eg, aa).reshape(-1)
+        if i:  # the earlier samples m: e_mys·g_nt with the same ā_nt·ā_ms
+            ge = (e_flat[: i * c * t] @ g_flat[i * t : j * t].T).view(i, c, t, b, t)
+            cross[: i * c] += torch.einsum("mysbt,btms->my", ge, aa[:, :, :i]).reshape(-1)
     return out, cross
 
 
@@ -205,31 +266,52 @@ def per_sample_gradients(a: Tensor, e: Tensor) -> Tensor:
 
 
 def _gram_per_sample(
-    a: Tensor, e: Tensor, g: Tensor | None, keep: bool = False
+    a: Tensor, e: Tensor, g: Tensor | None, keep_bytes: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor | None] | None]:
     """Gram of the per-sample gradients of ``a (N, T, d)``, ``e (N, C', T, o)``; with
     gradient rows ``g (N, T, o)`` also their products with the gradient ``Σ_nt g_nt ā_ntᵀ``;
-    with ``keep`` also the per-sample gradients ``(N C', o d)`` and that gradient
-    (``None`` without ``g``) when formed in one piece."""
+    the per-sample gradients ``(N C', o d)`` and that gradient (``None`` without ``g``)
+    when they take at most ``keep_bytes`` in ``dtype``.
+
+    Per-sample gradients and the gradient are formed in :func:`forming_dtype` (chunks of
+    samples within ``chunk_bytes``) and promoted to ``dtype``, the dtype of all results.
+    When they fit ``keep_bytes`` or one chunk, they are formed once, in one piece;
+    otherwise the Gram is assembled block by block, forming each chunk again per block
+    (the memory-bounded fallback)."""
     n, c, _, o = e.shape
     d = a.shape[-1]
-    out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
-    grad = None if g is None else torch.einsum("nto,ntk->ok", g, a).reshape(-1)
-    step = _rows_per_chunk(c * o * d, a.element_size())
-    if step >= n:
-        u = per_sample_gradients(a, e).reshape(n * c, o * d)
-        torch.mm(u, u.T, out=out)
-        return out, None if grad is None else u @ grad, (u, grad) if keep else None
-    cross = None if grad is None else a.new_empty(n * c)
+    width = o * d
+    form = forming_dtype(a.dtype, dtype)
+    a, e = a.to(form), e.to(form)
+
+    def rows(i: int, j: int) -> Tensor:
+        return per_sample_gradients(a[i:j], e[i:j]).reshape((j - i) * c, width).to(dtype)
+
+    grad = None
+    if g is not None:
+        grad = torch.einsum("nto,ntk->ok", g.to(form), a).reshape(-1).to(dtype)
+    element = dtype.itemsize
+    keep = n * c * width * element <= keep_bytes
+    step = _rows_per_chunk(c * width, max(element, a.element_size()))
+    if keep or step >= n:
+        u = torch.empty(n * c, width, dtype=dtype, device=a.device)
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            u[i * c : j * c] = per_sample_gradients(a[i:j], e[i:j]).reshape(-1, width)
+        gram = symmetric_mm(u)
+        cross = None if grad is None else u @ grad
+        return gram, cross, (u, grad) if keep else None
+    out = torch.empty(n * c, n * c, dtype=dtype, device=a.device)
+    cross = None if grad is None else out.new_empty(n * c)
     chunks = [(i, min(i + step, n)) for i in range(0, n, step)]
     for i, j in chunks:
-        gi = per_sample_gradients(a[i:j], e[i:j]).reshape((j - i) * c, o * d)
+        gi = rows(i, j)
         if cross is not None:
             cross[i * c : j * c] = gi @ grad
         for k, m in chunks:
             if k < i:
                 continue
-            gk = gi if k == i else per_sample_gradients(a[k:m], e[k:m]).reshape((m - k) * c, -1)
+            gk = gi if k == i else rows(k, m)
             block = gi @ gk.T
             out[i * c : j * c, k * c : m * c] = block
             out[k * c : m * c, i * c : j * c] = block.T
