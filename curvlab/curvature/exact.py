@@ -39,7 +39,12 @@ from curvlab.curvature.base import (
     numerically_nonzero,
     top_count,
 )
-from curvlab.curvature.gram import layer_gram_and_rows, per_sample_gradients
+from curvlab.curvature.gram import (
+    layer_gram_and_rows,
+    per_sample_gradients,
+    promoted_mv,
+    promoted_tmv,
+)
 from curvlab.errors import MemoryBudgetError, OptionError, SingularMatrixError
 from curvlab.independence import require_independent
 from curvlab.numerics import (
@@ -123,8 +128,9 @@ class GramFisher(Curvature):
         """Assemble and keep ``K``; with ``cross`` also return ``Uᵀ∇L`` (float64,
         ``(N C',)``) from the gradient rows, at the cost of ``N`` more output columns.
 
-        Layers whose Gram went through their per-sample gradients ``U_lᵀ`` (formed in
-        float32 for float32 and half captures, promoted to float64) keep them, with the
+        Layers whose Gram went through their per-sample gradients ``U_lᵀ`` (formed and
+        kept in float32 for float32 and half captures, promoted a column chunk at a time
+        in every product) keep them, with the
         layer gradient ``∇_l`` where known (from the gradient rows, or ``r·Σ_n U_lᵀ``
         for the empirical Fisher), while they fit the shared room (:class:`KeepRoom`):
         ``Uᵀv``, ``U c`` and :meth:`natural_gradient` then use them instead of
@@ -146,7 +152,7 @@ class GramFisher(Curvature):
             if kept is not None:
                 u, grad = kept
                 if grad is None and ratio is not None and lc.g is not None:
-                    grad = u.sum(dim=0).mul_(ratio)  # empirical: g = r·e
+                    grad = u.sum(dim=0, dtype=SOLVE_DTYPE).mul_(ratio)  # empirical: g = r·e
                 self._kept[lc.name] = (u, grad)
                 self._room.left -= u.numel() * u.element_size()
         self._gram = total
@@ -167,12 +173,12 @@ class GramFisher(Curvature):
 
     def _ut(self, v: Tensor) -> Tensor:
         """``Uᵀ v`` as a float64 vector of length ``N C'``, order ``(n, c)``, computed in
-        float64 (``a``, ``e`` and ``v`` promoted layer by layer; kept ``U_lᵀ`` used as
-        they are)."""
+        float64 (``a``, ``e`` and ``v`` promoted layer by layer, kept ``U_lᵀ`` a column
+        chunk at a time)."""
         out = torch.zeros(self.num_columns, dtype=SOLVE_DTYPE, device=self.device)
         for lc, mat in zip(self._layers, self._split(v.to(SOLVE_DTYPE))):
             if lc.name in self._kept:
-                out.addmv_(self._kept[lc.name][0], mat.reshape(-1))
+                out += promoted_mv(self._kept[lc.name][0], mat.reshape(-1))
                 continue
             av = lc.a.to(SOLVE_DTYPE) @ mat.T  # (N, T, d_out)
             out += torch.einsum("cnto,nto->nc", lc.e.to(SOLVE_DTYPE), av).reshape(-1)
@@ -193,9 +199,10 @@ class GramFisher(Curvature):
             kept = self._kept.get(lc.name)
             if kept is not None and (lam is None or kept[1] is not None):
                 u, grad = kept
-                mat = u.T @ coef if lam is None else torch.addmv(grad, u.T, coef, alpha=-1.0)
-                if lam is not None:
-                    mat.div_(lam)
+                if lam is None:
+                    mat = promoted_tmv(u, coef, coef.new_zeros(u.shape[1]))
+                else:
+                    mat = promoted_tmv(u, coef, grad.clone(), alpha=-1.0).div_(lam)
                 part.copy_(lc.info.to_flat(mat.view(lc.info.d_out, lc.info.d_in_h)))
                 continue
             rows = torch.einsum("nc,cnto->nto", cc, lc.e.to(SOLVE_DTYPE))
@@ -310,7 +317,7 @@ class GramFisher(Curvature):
         for lc in self._layers:
             kept = self._kept.get(lc.name)
             if kept is not None and kept[1] is not None:
-                utg.addmv_(*kept)
+                utg += promoted_mv(*kept)
                 continue
             a, e, g = lc.a.to(SOLVE_DTYPE), lc.e.to(SOLVE_DTYPE), lc.g.to(SOLVE_DTYPE)
             t, d_in, d_out = a.shape[1], a.shape[2], e.shape[-1]
