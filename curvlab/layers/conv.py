@@ -78,8 +78,11 @@ def conv_patches(x: Tensor, geo: ConvGeometry, bias: bool) -> Tensor:
     (columns in ``(channel, *kernel)`` order within each group), with a trailing 1 per
     group when ``bias``.  ``T`` is the number of output locations.
 
-    The patches are a strided window view of the dilated and padded input, copied once
-    into the output.
+    The patches are a strided window view of the dilated and padded input, copied into
+    the output.  For kernels of more than one entry the input is made channels-last
+    first and the copy runs once per index of the first kernel dimension: each copy then
+    moves runs of the last kernel dimension and the channels with short strides on both
+    sides, several times faster than one copy whose innermost loop is the kernel window.
     """
     nd = len(geo.kernel)
     if any(s > 1 for s in geo.input_stride):
@@ -89,18 +92,21 @@ def conv_patches(x: Tensor, geo: ConvGeometry, bias: bool) -> Tensor:
         x = dilated
     if any(geo.pads):
         x = F.pad(x, list(geo.pads), mode=geo.pad_mode)
-    windows = x
-    for dim, (k, s, d) in enumerate(zip(geo.kernel, geo.stride, geo.dilation), start=2):
+    windows = x.movedim(1, -1)  # (N, *padded, C)
+    if math.prod(geo.kernel) > 1:
+        windows = windows.contiguous()
+    for dim, (k, s, d) in enumerate(zip(geo.kernel, geo.stride, geo.dilation), start=1):
         windows = windows.unfold(dim, d * (k - 1) + 1, s)
-    windows = windows[(..., *(slice(None, None, d) for d in geo.dilation))]  # (N,C,*out,*k)
-    n, c = windows.shape[:2]
-    spatial = windows.shape[2 : 2 + nd]
+    windows = windows[(..., *(slice(None, None, d) for d in geo.dilation))]  # (N,*out,C,*k)
+    n, c = windows.shape[0], windows.shape[1 + nd]
+    spatial = windows.shape[1 : 1 + nd]
     c_g = c // geo.groups
     d_in = c_g * math.prod(geo.kernel)
     out = x.new_empty(n, math.prod(spatial), geo.groups, d_in + int(bias))
     patches = out[..., :d_in].unflatten(1, spatial).unflatten(-1, (c_g, *geo.kernel))
-    order = (0, *range(3, 3 + nd), 1, 2, *range(3 + nd, 3 + 2 * nd))
-    patches.copy_(windows.unflatten(1, (geo.groups, c_g)).permute(order))
+    windows = windows.unflatten(1 + nd, (geo.groups, c_g))  # (N, *out, G, C/G, *k)
+    for i in range(geo.kernel[0]):
+        patches.select(3 + nd, i).copy_(windows.select(3 + nd, i))
     if bias:
         out[..., d_in] = 1
     return out
