@@ -8,7 +8,8 @@ model again.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +99,9 @@ class Capture:
             (:func:`curvlab.independence.sample_coupling`), or ``None`` when it does.
             The exact objects and the comparison refuse captures with a coupling;
             Kronecker factors do not need independence.
+        exact_blocks: The exact per-layer blocks built on this capture that some
+            curvature object still holds (:func:`curvlab.curvature.exact.exact_block`),
+            so that each layer's Gram is assembled once however many objects use it.
     """
 
     layers: list[LayerCapture]
@@ -112,6 +116,9 @@ class Capture:
     grad_stamp: tuple[int, int] | None = None
     empirical_ratio: float | None = None
     coupling: str | None = None
+    exact_blocks: weakref.WeakValueDictionary = field(
+        default_factory=weakref.WeakValueDictionary, init=False, repr=False, compare=False
+    )
 
     def is_own_gradient(self, v: Tensor) -> bool:
         """Whether ``v`` is this capture's ``grad`` itself (the same tensor, unmodified

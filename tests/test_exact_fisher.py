@@ -245,3 +245,30 @@ def test_natural_gradient_blocks_and_fallback():
         curvlab.ExactFisher(capt).natural_gradient(0.0)
     with pytest.raises(ValueError, match="neither"):
         curvlab.ExactFisher(replace(bare, grad=None)).natural_gradient(0.1)
+
+
+def test_exact_blocks_shared_across_objects():
+    """A layer's exact block is one object for ExactFisher, BlockDiagFisher and the
+    exact blocks KFAC/EKFAC/FOOF keep for layers without Kronecker factors (its Gram is
+    assembled once), only while some object holds it, and never across captures."""
+    import gc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    capt = curvlab.capture(model, nn.CrossEntropyLoss(), X, y, "exact")
+    objs = [
+        curvlab.ExactFisher(capt),
+        curvlab.BlockDiagFisher(capt),
+        curvlab.KFAC(capt),
+        curvlab.EKFAC(capt),
+        curvlab.FOOF(capt),
+    ]
+    norm = {id(obj.blocks["1"]) for obj in objs}
+    assert len(norm) == 1
+    assert objs[2].blocks["0"] is not objs[1].blocks["0"]  # a Kronecker layer's KFAC block
+    other = curvlab.capture(model, nn.CrossEntropyLoss(), X, y, "exact")
+    assert curvlab.BlockDiagFisher(other).blocks["1"] is not objs[1].blocks["1"]
+    del objs
+    gc.collect()
+    assert len(capt.exact_blocks) == 0

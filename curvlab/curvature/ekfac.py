@@ -18,7 +18,7 @@ from curvlab.capture import Capture, LayerCapture
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.columns import eigenbasis_second_moment
 from curvlab.curvature.eigen_block import EigenBlock
-from curvlab.curvature.exact import GramFisher
+from curvlab.curvature.exact import exact_block
 from curvlab.curvature.factors import LayerFactors
 from curvlab.curvature.grouped import GroupedBlock
 from curvlab.independence import require_independent
@@ -49,5 +49,5 @@ class EKFAC(LayerwiseCurvature):
             elif lc.groups is not None:
                 blocks[lc.name] = GroupedBlock.of(lc, ekfac_block)
             else:
-                blocks[lc.name] = GramFisher(capture, [lc])
+                blocks[lc.name] = exact_block(capture, lc)
         super().__init__(blocks)

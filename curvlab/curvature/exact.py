@@ -164,7 +164,7 @@ class GramFisher(Curvature):
         if len(self._layers) == 1:
             return {self._layers[0].name: self}
         return {
-            lc.name: GramFisher(self._capture, [lc], scheme=self._scheme, room=self._room)
+            lc.name: exact_block(self._capture, lc, scheme=self._scheme, room=self._room)
             for lc in self._layers
         }
 
@@ -456,7 +456,7 @@ class BlockDiagFisher(LayerwiseCurvature):
         room = KeepRoom(budget // 2)
         super().__init__(
             {
-                lc.name: GramFisher(capture, [lc], memory_budget, scheme, room)
+                lc.name: exact_block(capture, lc, memory_budget, scheme, room)
                 for lc in capture.layers
             }
         )
@@ -473,6 +473,30 @@ class BlockDiagFisher(LayerwiseCurvature):
         """``(F_bd + λI)⁻¹ g`` for the captured gradient, block by block
         (:meth:`ExactFisher.natural_gradient` of each layer's block)."""
         return torch.cat([blk.natural_gradient(damping) for blk in self.blocks.values()])
+
+
+def exact_block(
+    capture: Capture,
+    layer: LayerCapture,
+    memory_budget: int | None = None,
+    scheme: str = "auto",
+    room: KeepRoom | None = None,
+) -> GramFisher:
+    """The exact diagonal block ``F_ll`` of ``layer`` (a one-layer :class:`GramFisher`).
+
+    One object per capture, layer and scheme while any curvature object holds it
+    (``Capture.exact_blocks``): :class:`ExactFisher`'s and :class:`BlockDiagFisher`'s
+    blocks and the exact blocks that KFAC, EKFAC and FOOF keep for layers without
+    Kronecker factors are the same matrix, assembled once.  ``memory_budget`` is checked
+    for every caller; ``room`` only matters for the object that is built here.
+    """
+    block = capture.exact_blocks.get((layer.name, scheme))
+    if block is None:
+        block = GramFisher(capture, [layer], memory_budget, scheme, room)
+        capture.exact_blocks[(layer.name, scheme)] = block
+    else:
+        block._check_budget(options.memory_budget if memory_budget is None else memory_budget)
+    return block
 
 
 def _takes_gradient_route(capture: Capture, v: Tensor, damping: float) -> bool:

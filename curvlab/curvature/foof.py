@@ -24,7 +24,7 @@ from torch import Tensor
 from curvlab.capture import Capture, LayerCapture
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
-from curvlab.curvature.exact import GramFisher
+from curvlab.curvature.exact import exact_block
 from curvlab.curvature.factors import Eigen, LayerFactors, input_factor
 from curvlab.curvature.grouped import GroupedBlock
 from curvlab.layers import LayerKind
@@ -96,5 +96,5 @@ class FOOF(LayerwiseCurvature):
             elif lc.groups is not None:
                 blocks[lc.name] = GroupedBlock.of(lc, block)
             else:
-                blocks[lc.name] = GramFisher(capture, [lc])
+                blocks[lc.name] = exact_block(capture, lc)
         super().__init__(blocks)

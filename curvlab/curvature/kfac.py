@@ -27,7 +27,7 @@ from torch import Tensor
 from curvlab.capture import Capture, LayerCapture
 from curvlab.curvature.base import Curvature, LayerwiseCurvature
 from curvlab.curvature.eigen_block import EigenBlock
-from curvlab.curvature.exact import GramFisher
+from curvlab.curvature.exact import exact_block
 from curvlab.curvature.factors import KFAC_APPROX, LayerFactors
 from curvlab.curvature.grouped import GroupedBlock
 from curvlab.numerics import check_choice, compute_dtype
@@ -112,7 +112,7 @@ class KFAC(LayerwiseCurvature):
             elif lc.groups is not None:
                 blocks[lc.name] = GroupedBlock.of(lc, kfac_block)
             else:
-                blocks[lc.name] = GramFisher(capture, [lc])
+                blocks[lc.name] = exact_block(capture, lc)
         super().__init__(blocks)
 
     @property
