@@ -23,6 +23,7 @@ factor pair ``A_g ⊗ G_g`` per group.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -80,9 +81,10 @@ def conv_patches(x: Tensor, geo: ConvGeometry, bias: bool) -> Tensor:
 
     The patches are a strided window view of the dilated and padded input, copied into
     the output.  For kernels of more than one entry the input is made channels-last
-    first and the copy runs once per index of the first kernel dimension: each copy then
-    moves runs of the last kernel dimension and the channels with short strides on both
-    sides, several times faster than one copy whose innermost loop is the kernel window.
+    first and the copy runs once per index of all kernel dimensions but the last: each
+    copy then moves runs of the last kernel dimension and the channels with short
+    strides on both sides (about 2x faster on 3x3 kernels than one copy whose innermost
+    loops are the kernel window alone).
     """
     nd = len(geo.kernel)
     if any(s > 1 for s in geo.input_stride):
@@ -105,8 +107,9 @@ def conv_patches(x: Tensor, geo: ConvGeometry, bias: bool) -> Tensor:
     out = x.new_empty(n, math.prod(spatial), geo.groups, d_in + int(bias))
     patches = out[..., :d_in].unflatten(1, spatial).unflatten(-1, (c_g, *geo.kernel))
     windows = windows.unflatten(1 + nd, (geo.groups, c_g))  # (N, *out, G, C/G, *k)
-    for i in range(geo.kernel[0]):
-        patches.select(3 + nd, i).copy_(windows.select(3 + nd, i))
+    for index in itertools.product(*map(range, geo.kernel[:-1])):
+        at = (..., *index, slice(None))
+        patches[at].copy_(windows[at])
     if bias:
         out[..., d_in] = 1
     return out
