@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from curvlab.errors import OptionError, ShapeError, UnsupportedModelError
 from curvlab.independence import sample_coupling
@@ -293,7 +294,7 @@ def capture(
     calls = [call for use in uses for call in saved[use.name]]
     layer_grads = torch.autograd.grad(
         output,
-        [call.out for call in calls],
+        [call.target for call in calls],
         grad_outputs=grad_outputs,
         is_grads_batched=True,
         allow_unused=True,
@@ -345,13 +346,24 @@ def capture(
 
 
 def _recorder(use: ModuleKind, saved: dict[str, list[ModuleCall]]):
-    """A forward hook that records every call of ``use``'s module."""
+    """A forward hook that records every call of ``use``'s module.
+
+    The backward reads each call's output-gradients at the output's gradient edge (the
+    autograd node that produced it), which in-place operations downstream (e.g.
+    ``ReLU(inplace=True)``) do not move, so the output is handed on unchanged.  An
+    output that is a view (an in-place change of a view re-routes its gradient around
+    the view's node) or has no autograd node is handed on as a copy instead, and the
+    untouched original is differentiated.
+    """
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, out: object) -> object:
         y = use.output(out)
-        saved[use.name].append(ModuleCall(use, use.record(args, kwargs), y))
-        # Hand a copy downstream so that in-place ops (e.g. ReLU(inplace=True)) cannot
-        # rewrite the tensor whose gradient is taken.
-        return use.with_output(out, y.clone())
+        x = use.record(args, kwargs)
+        if y.grad_fn is None or y._is_view():
+            saved[use.name].append(ModuleCall(use, x, y.detach(), y))
+            return use.with_output(out, y.clone())
+        kept = y.detach().clone() if use.reads_output else y.detach()
+        saved[use.name].append(ModuleCall(use, x, kept, get_gradient_edge(y)))
+        return None
 
     return hook

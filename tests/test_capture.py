@@ -275,3 +275,63 @@ def test_forward_hooks_that_change_a_layer_output():
     assert R.rel_err(capt.grad, R.batch_gradient(model, loss_fn, X, y)) <= RTOL
     dense = R.dense_ggn(model, loss_fn, X, y)
     assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), dense) <= RTOL
+
+
+class _AddInPlace(nn.Module):
+    def forward(self, x):
+        return x.add_(0.25)
+
+
+class _ScaleAsView(nn.Module):
+    """A module read through the generic path whose output is a view (flattened)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(shape))
+
+    def forward(self, x):
+        return (x * self.w).view(x.shape[0], -1)
+
+
+class _Scale(nn.Module):
+    """A module read through the generic path (it compares its outputs with the batch's)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_in_place_operations_downstream_of_layer_outputs():
+    """Layer outputs changed in place downstream (ReLU(inplace=True), in-place adds, on a
+    view output of a generic module, on the output of a module whose outputs the capture
+    compares) leave the gradient, the records and the exact Fisher equal to the
+    references of the same model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(3, 2, 3, bias=False),
+        _AddInPlace(),
+        _ScaleAsView((2, 3, 3)),
+        nn.ReLU(inplace=True),
+        nn.Linear(18, 5),
+        _AddInPlace(),
+        _Scale(5),
+        nn.ReLU(inplace=True),
+        nn.Linear(5, 3),
+    ).double()
+    for p in model[1].parameters():  # BatchNorm with non-trivial running statistics
+        p.data.uniform_(0.5, 1.5)
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 1.5)
+    model.eval()
+    X, y = torch.randn(7, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    loss_fn = nn.CrossEntropyLoss()
+    capt = curvlab.capture(model, loss_fn, X, y, fisher="exact")
+    assert R.rel_err(capt.grad, R.batch_gradient(model, loss_fn, X, y)) <= RTOL
+    dense = R.dense_ggn(model, loss_fn, X, y)
+    assert R.rel_err(curvlab.ExactFisher(capt).to_dense(), dense) <= RTOL

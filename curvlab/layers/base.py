@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from curvlab.config import format_bytes, options
 from curvlab.errors import MemoryBudgetError, UnsupportedModelError
@@ -246,8 +247,12 @@ class ModuleCall:
     Attributes:
         kind: The module's kind.
         x: What :meth:`ModuleKind.record` kept of the call (by default its detached input).
-        out: The call's output tensor (:meth:`ModuleKind.output`; attached to the graph:
-            the backward's target).
+        out: The call's output (:meth:`ModuleKind.output`), detached: its shape, dtype and
+            device, and for a kind with :attr:`ModuleKind.reads_output` its values at the
+            call.
+        target: What the backward differentiates to get the output-gradients: the
+            output's gradient edge (the autograd node that produced it, which in-place
+            operations downstream leave in place) or the attached output itself.
         grads: ``B`` backpropagated output-gradients ``(B, *out.shape)`` (the gradient
             column first, then the Fisher columns), once the backward has run.
     """
@@ -255,6 +260,7 @@ class ModuleCall:
     kind: ModuleKind
     x: object
     out: Tensor
+    target: Tensor | GradientEdge
     grads: Tensor | None = None
 
 
@@ -264,6 +270,10 @@ class ModuleKind(LayerKind):
 
     #: Peak memory of :meth:`sample_gradients` in units of its result.
     memory_factor: int = 1
+
+    #: Whether :meth:`read` uses the values of the call's output, not only its shape (the
+    #: capture then keeps a copy: operations downstream may change the output in place).
+    reads_output: bool = False
 
     #: Whether several calls of the module are read as more locations of one call (a
     #: matrix layer whose locations carry no geometry); otherwise a module called more

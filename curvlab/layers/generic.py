@@ -27,6 +27,8 @@ class GenericKind(PerSampleKind):
 
     # the vmapped vjp keeps about one more result-sized buffer besides its result
     memory_factor = 2
+    # the single-sample outputs are compared with the captured batch output
+    reads_output = True
 
     @property
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
