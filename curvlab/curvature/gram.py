@@ -295,6 +295,24 @@ def promoted_mm(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
+def promoted_gram_mv(x: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``x xᵀ`` and ``x v`` (``None`` without ``v``) in ``v``'s dtype, or float64 without
+    ``v``, for ``x (R, P)`` of that dtype or a narrower one: each column chunk is
+    promoted once for both."""
+    dtype = torch.float64 if v is None else v.dtype
+    if x.dtype == dtype:
+        return x @ x.T, None if v is None else x @ v
+    gram = torch.zeros(x.shape[0], x.shape[0], dtype=dtype, device=x.device)
+    xv = None if v is None else gram.new_zeros(x.shape[0])
+    w = _chunk_width(x)
+    for i in range(0, x.shape[1], w):
+        xc = x[:, i : i + w].to(dtype)
+        gram.addmm_(xc, xc.T)
+        if xv is not None:
+            xv.addmv_(xc, v[i : i + w])
+    return gram, xv
+
+
 def promoted_mv(x: Tensor, v: Tensor) -> Tensor:
     """``x v`` in ``v``'s dtype for ``x (R, P)`` of that dtype or a narrower one."""
     if x.dtype == v.dtype:
@@ -312,8 +330,8 @@ def promoted_tmv(x: Tensor, c: Tensor, out: Tensor, alpha: float = 1.0) -> Tenso
     if x.dtype == out.dtype:
         return out.addmv_(x.T, c, alpha=alpha)
     w = _chunk_width(x)
-    for i in range(0, x.shape[1], w):
-        out[i : i + w].addmv_(x[:, i : i + w].T.to(out.dtype), c, alpha=alpha)
+    for i in range(0, x.shape[1], w):  # promote row-major, multiply by the transpose
+        out[i : i + w].addmv_(x[:, i : i + w].to(out.dtype).T, c, alpha=alpha)
     return out
 
 
@@ -350,8 +368,10 @@ def _gram_per_sample(
         for i in range(0, n, step):
             j = min(i + step, n)
             per_sample_gradients(a[i:j], e[i:j], out=u[i * c : j * c])
-        gram = promoted_mm(u, u, dtype)
-        cross = None if grad is None else promoted_mv(u, grad)
+        if grad is None:
+            gram, cross = promoted_mm(u, u, dtype), None
+        else:
+            gram, cross = promoted_gram_mv(u, grad)
         return gram, cross, (u, grad) if keep else None
     out = torch.empty(n * c, n * c, dtype=dtype, device=a.device)
     cross = None if grad is None else out.new_empty(n * c)
