@@ -13,7 +13,11 @@ assembled without ever forming ``U`` for the network.  Two exact schemes exist f
   Gram, ``O(N C' T d_out d_in + (N C')² d_out d_in)``.
 
 Rows are ordered ``(n, c)`` (sample-major).  Work is chunked over rows so that
-temporaries stay within ``curvlab.config.options.chunk_bytes``.
+temporaries stay within ``curvlab.config.options.chunk_bytes``.  The location-pair Gram
+is assembled from its lower block triangle.  Per-sample gradients (sums over locations)
+are formed in float32 for float32 and half captures and promoted one cache-sized column
+chunk at a time in every product (:func:`promoted_mm`), so Grams requested in float64
+accumulate in float64 without a float64 copy of the per-sample gradients.
 """
 
 from __future__ import annotations
