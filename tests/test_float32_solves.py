@@ -115,3 +115,31 @@ def test_float32_solve_within_attainable_error(path: str, fisher: str, kind: str
             assert x.dtype == torch.float32
             ratio = _rel(x, truth) / _rel(attainable, truth)
             assert ratio <= FACTOR, (path, fisher, vector, damping, ratio)
+
+
+@pytest.mark.parametrize("shape", [(8, 5000), (3, 1700), (64, 513)])
+def test_promoted_products_match_float64(monkeypatch: pytest.MonkeyPatch, shape: tuple):
+    """The chunk-wise promoted products of float32 per-sample gradients equal the float64
+    products of the promoted matrix (several chunks and a partial last one), to float64
+    rounding."""
+    from curvlab.curvature import gram
+
+    monkeypatch.setattr(gram, "PROMOTE_CHUNK_BYTES", 8 * shape[0] * 600)  # 600-col chunks
+    gen = torch.Generator().manual_seed(0)
+    r, p = shape
+    x, y = torch.randn(r, p, generator=gen), torch.randn(r + 2, p, generator=gen)
+    v = torch.randn(p, dtype=torch.float64, generator=gen)
+    c = torch.randn(r, dtype=torch.float64, generator=gen)
+    xd, yd = x.double(), y.double()
+    gram_xx, xv = gram.promoted_gram_mv(x, v)
+    pairs = [
+        (gram.promoted_mm(x, x, torch.float64), xd @ xd.T),
+        (gram.promoted_mm(x, y, torch.float64), xd @ yd.T),
+        (gram_xx, xd @ xd.T),
+        (xv, xd @ v),
+        (gram.promoted_mv(x, v), xd @ v),
+        (gram.promoted_tmv(x, c, v.clone(), alpha=-1.0), v - xd.T @ c),
+    ]
+    for got, want in pairs:
+        assert got.dtype == torch.float64
+        assert float((got - want).norm() / want.norm()) <= 1e-12

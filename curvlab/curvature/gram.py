@@ -22,6 +22,8 @@ accumulate in float64 without a float64 copy of the per-sample gradients.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -286,34 +288,45 @@ def _chunk_width(x: Tensor) -> int:
     return min(max(PROMOTE_CHUNK_BYTES // (8 * max(1, x.shape[0])), 512), 65536)
 
 
+def _promoted_chunks(x: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, Tensor]]:
+    """``(i, x[:, i:i+w] in dtype)`` over the column chunks of ``x (R, P)``, each copied
+    into one reused buffer (a fresh allocation per chunk costs more than its copy); a
+    chunk is valid until the next one is yielded."""
+    w = min(_chunk_width(x), x.shape[1])
+    buf = torch.empty(x.shape[0], w, dtype=dtype, device=x.device)
+    for i in range(0, x.shape[1], w):
+        chunk = buf[:, : min(w, x.shape[1] - i)]
+        yield i, chunk.copy_(x[:, i : i + chunk.shape[1]])
+
+
 def promoted_mm(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
     """``x yᵀ`` in ``dtype`` for ``x (R, P)``, ``y (S, P)`` of ``dtype`` or a narrower
     dtype (then promoted a column chunk at a time)."""
     if x.dtype == dtype and y.dtype == dtype:
         return x @ y.T
+    if y is x:
+        return promoted_gram_mv(x, None, dtype)[0]
     out = torch.zeros(x.shape[0], y.shape[0], dtype=dtype, device=x.device)
-    w = _chunk_width(x)
-    for i in range(0, x.shape[1], w):
-        xc = x[:, i : i + w].to(dtype)
-        out.addmm_(xc, xc.T if y is x else y[:, i : i + w].to(dtype).T)
+    for i, xc in _promoted_chunks(x, dtype):
+        out.addmm_(xc, y[:, i : i + xc.shape[1]].to(dtype).T)
     return out
 
 
-def promoted_gram_mv(x: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``x xᵀ`` and ``x v`` (``None`` without ``v``) in ``v``'s dtype, or float64 without
-    ``v``, for ``x (R, P)`` of that dtype or a narrower one: each column chunk is
-    promoted once for both."""
-    dtype = torch.float64 if v is None else v.dtype
+def promoted_gram_mv(
+    x: Tensor, v: Tensor | None, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor | None]:
+    """``x xᵀ`` and ``x v`` (``None`` without ``v``) in ``dtype`` (``v``'s when given)
+    for ``x (R, P)`` of that dtype or a narrower one: each column chunk is promoted once
+    for both."""
+    dtype = dtype if v is None else v.dtype
     if x.dtype == dtype:
         return x @ x.T, None if v is None else x @ v
     gram = torch.zeros(x.shape[0], x.shape[0], dtype=dtype, device=x.device)
     xv = None if v is None else gram.new_zeros(x.shape[0])
-    w = _chunk_width(x)
-    for i in range(0, x.shape[1], w):
-        xc = x[:, i : i + w].to(dtype)
+    for i, xc in _promoted_chunks(x, dtype):
         gram.addmm_(xc, xc.T)
         if xv is not None:
-            xv.addmv_(xc, v[i : i + w])
+            xv.addmv_(xc, v[i : i + xc.shape[1]])
     return gram, xv
 
 
@@ -322,9 +335,8 @@ def promoted_mv(x: Tensor, v: Tensor) -> Tensor:
     if x.dtype == v.dtype:
         return x @ v
     out = v.new_zeros(x.shape[0])
-    w = _chunk_width(x)
-    for i in range(0, x.shape[1], w):
-        out.addmv_(x[:, i : i + w].to(v.dtype), v[i : i + w])
+    for i, xc in _promoted_chunks(x, v.dtype):
+        out.addmv_(xc, v[i : i + xc.shape[1]])
     return out
 
 
@@ -333,9 +345,8 @@ def promoted_tmv(x: Tensor, c: Tensor, out: Tensor, alpha: float = 1.0) -> Tenso
     narrower one, ``c (R,)``, ``out (P,)``."""
     if x.dtype == out.dtype:
         return out.addmv_(x.T, c, alpha=alpha)
-    w = _chunk_width(x)
-    for i in range(0, x.shape[1], w):  # promote row-major, multiply by the transpose
-        out[i : i + w].addmv_(x[:, i : i + w].to(out.dtype).T, c, alpha=alpha)
+    for i, xc in _promoted_chunks(x, out.dtype):  # row-major chunks times their transpose
+        out[i : i + xc.shape[1]].addmv_(xc.T, c, alpha=alpha)
     return out
 
 
