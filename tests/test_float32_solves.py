@@ -143,3 +143,14 @@ def test_promoted_products_match_float64(monkeypatch: pytest.MonkeyPatch, shape:
     for got, want in pairs:
         assert got.dtype == torch.float64
         assert float((got - want).norm() / want.norm()) <= 1e-12
+
+
+def test_repeated_solves_use_the_same_per_sample_gradients():
+    """The first solve of a float32 capture assembles the Gram (keeping the float32-formed
+    per-sample gradients) before forming ``Uᵀv``, so it uses the same ``U`` as every later
+    solve: the results are identical, not merely close."""
+    _, c32 = _captures("exact", "conv")
+    fisher = curvlab.ExactFisher(c32)
+    v = torch.randn(c32.num_params, generator=torch.Generator().manual_seed(2))
+    first = fisher.solve(v, 1e-6)
+    assert torch.equal(fisher.solve(v, 1e-6), first)

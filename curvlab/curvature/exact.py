@@ -16,7 +16,9 @@ the error that float32 data allow (measured 5–60x at small damping), while flo
 assembly keeps the solve within the accuracy of the captured data.  A layer's per-sample
 gradients (sums over its locations, :mod:`curvlab.curvature.gram`) are formed in float32
 for such captures and promoted before they meet: a rounding of the order of the captured
-data's own (at most 2x the attainable error in tests/test_float32_solves.py).
+data's own (within 1.01x of the attainable error in tests/test_float32_solves.py, as
+when formed in float64).  They are pool buffers (:mod:`curvlab.curvature.buffers`), given
+back when the object's kept dict is collected.
 
 :class:`ExactFisher` covers all layers; :class:`BlockDiagFisher` keeps only each
 layer's diagonal block.
@@ -24,6 +26,7 @@ layer's diagonal block.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from functools import cached_property
 
@@ -32,6 +35,7 @@ from torch import Tensor
 
 from curvlab.capture import Capture, LayerCapture
 from curvlab.config import format_bytes, options
+from curvlab.curvature import buffers
 from curvlab.curvature.base import (
     TIE_RTOL,
     Curvature,
@@ -54,6 +58,17 @@ from curvlab.numerics import (
     compute_dtype,
     require_positive,
 )
+
+
+class _Kept(dict):
+    """Kept per-sample gradients by layer name; their pool buffers
+    (:mod:`curvlab.curvature.buffers`) return to the pool when this dict is collected,
+    i.e. when no Gram object (or copy of one) holds it any more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pooled: list[Tensor] = []
+        weakref.finalize(self, buffers.give, self.pooled)
 
 
 class KeepRoom:
@@ -101,8 +116,9 @@ class GramFisher(Curvature):
         self._room = KeepRoom(budget // 2) if room is None else room
         self._gram: Tensor | None = None
         self._factor: tuple[float, Tensor] | None = None
-        # layer name -> (U_lᵀ (N C', P_l), ∇_l (P_l,) or None) in [W | b] row-major, float64
-        self._kept: dict[str, tuple[Tensor, Tensor | None]] = {}
+        # layer name -> (U_lᵀ (N C', P_l) in its forming dtype, ∇_l (P_l,) float64 or None),
+        # [W | b] row-major; the U_lᵀ are pool buffers, given back when the dict is collected
+        self._kept = _Kept()
 
     def _check_budget(self, budget: int) -> None:
         cols = self.num_columns
@@ -154,6 +170,7 @@ class GramFisher(Curvature):
                 if grad is None and ratio is not None and lc.g is not None:
                     grad = u.sum(dim=0, dtype=SOLVE_DTYPE).mul_(ratio)  # empirical: g = r·e
                 self._kept[lc.name] = (u, grad)
+                self._kept.pooled.append(u.view(-1))
                 self._room.left -= u.numel() * u.element_size()
         self._gram = total
         return utg
@@ -238,7 +255,10 @@ class GramFisher(Curvature):
     def _solve(self, v: Tensor, damping: float) -> Tensor:
         if damping == 0:
             return self._solve_undamped(v)
-        coef = torch.cholesky_solve(self._ut(v).unsqueeze(1), self._cholesky(damping))
+        # the factor first: assembling K keeps the per-sample gradients that Uᵀv and U c
+        # then read, so that all three use the same U
+        chol = self._cholesky(damping)
+        coef = torch.cholesky_solve(self._ut(v).unsqueeze(1), chol)
         # (v − U c) / λ in float64, in the buffer of U c (v − U c cancels where v lies
         # in the range of U, which is where a float32 difference would lose its digits)
         out = self._u(coef.squeeze(1))

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from curvlab.config import options
+from curvlab.curvature import buffers
 from curvlab.numerics import (
     SYMMETRIC_BLOCKS,
     SYMMETRIC_MIN_ROWS,
@@ -119,7 +120,8 @@ def layer_gram_and_rows(
     :func:`forming_dtype` and promotes them to ``dtype`` in every product of two of them
     (:func:`promoted_mm`), so a float32 capture's Gram is still assembled in float64 (its
     per-sample gradients carry float32 rounding of the order of the captured data's
-    own); a kept ``U_lᵀ`` stays in the forming dtype."""
+    own); a kept ``U_lᵀ`` stays in the forming dtype and is a pool buffer
+    (:mod:`curvlab.curvature.buffers`) that the caller gives back when done with it."""
     return _assemble(a, e, g, scheme, keep_bytes, dtype or a.dtype)
 
 
@@ -290,13 +292,17 @@ def _chunk_width(x: Tensor) -> int:
 
 def _promoted_chunks(x: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, Tensor]]:
     """``(i, x[:, i:i+w] in dtype)`` over the column chunks of ``x (R, P)``, each copied
-    into one reused buffer (a fresh allocation per chunk costs more than its copy); a
-    chunk is valid until the next one is yielded."""
+    into one reused pool buffer (:mod:`curvlab.curvature.buffers`; a fresh allocation per
+    chunk costs more than its copy); a chunk is valid until the next one is yielded."""
     w = min(_chunk_width(x), x.shape[1])
-    buf = torch.empty(x.shape[0], w, dtype=dtype, device=x.device)
-    for i in range(0, x.shape[1], w):
-        chunk = buf[:, : min(w, x.shape[1] - i)]
-        yield i, chunk.copy_(x[:, i : i + chunk.shape[1]])
+    flat = buffers.take(x.shape[0] * w, dtype, x.device)
+    buf = flat.view(x.shape[0], w)
+    try:
+        for i in range(0, x.shape[1], w):
+            chunk = buf[:, : min(w, x.shape[1] - i)]
+            yield i, chunk.copy_(x[:, i : i + chunk.shape[1]])
+    finally:
+        buffers.give([flat])
 
 
 def promoted_mm(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -379,7 +385,7 @@ def _gram_per_sample(
     keep = n * c * width * form.itemsize <= keep_bytes
     step = _rows_per_chunk(c * width, a.element_size())
     if keep or step >= n:
-        u = torch.empty(n * c, width, dtype=form, device=a.device)
+        u = buffers.take(n * c * width, form, a.device).view(n * c, width)
         for i in range(0, n, step):
             j = min(i + step, n)
             per_sample_gradients(a[i:j], e[i:j], out=u[i * c : j * c])
@@ -387,7 +393,10 @@ def _gram_per_sample(
             gram, cross = promoted_mm(u, u, dtype), None
         else:
             gram, cross = promoted_gram_mv(u, grad)
-        return gram, cross, (u, grad) if keep else None
+        if keep:
+            return gram, cross, (u, grad)
+        buffers.give([u.view(-1)])
+        return gram, cross, None
     out = torch.empty(n * c, n * c, dtype=dtype, device=a.device)
     cross = None if grad is None else out.new_empty(n * c)
     chunks = [(i, min(i + step, n)) for i in range(0, n, step)]

@@ -1,0 +1,62 @@
+"""A pool of CPU work buffers that curvlab's own objects hold privately.
+
+Fresh memory is expensive on CPU: the first touch of every page faults (measured about
+0.75 ms per MB on the benchmark machine, benchmarks/RESULTS.md Q2), and glibc returns
+large freed blocks to the kernel, so a loop that captures and solves every step pays for
+its per-sample gradients' memory again each time.  Buffers that never leave curvlab (the
+per-sample gradients a Gram object keeps, its promotion chunks) are therefore taken from
+this pool and given back when their owner is collected, to be reused by the next object
+that asks for the same size and dtype.  Tensors handed to users (a capture's rows, any
+result) never come from here.
+
+The pool keeps at most half of ``curvlab.config.options.memory_budget``;
+:func:`release_buffers` empties it.  On other devices (CUDA has its own caching
+allocator) :func:`take` allocates and :func:`give` drops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from curvlab.config import options
+
+_free: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+_held = [0]  # bytes in the pool
+
+
+def take(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A flat tensor of ``numel`` elements (uninitialised), from the pool when one of that
+    size and dtype is there."""
+    if device.type == "cpu":
+        stack = _free.get((numel, dtype))
+        if stack:
+            buf = stack.pop()
+            _held[0] -= buf.numel() * buf.element_size()
+            return buf
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def give(buffers: Iterable[Tensor]) -> None:
+    """Return flat buffers obtained from :func:`take` that nothing references any more;
+    those that do not fit the pool's limit are dropped."""
+    limit = options.memory_budget // 2
+    for buf in buffers:
+        nbytes = buf.numel() * buf.element_size()
+        if buf.device.type != "cpu" or _held[0] + nbytes > limit:
+            continue
+        _free.setdefault((buf.numel(), buf.dtype), []).append(buf)
+        _held[0] += nbytes
+
+
+def release_buffers() -> None:
+    """Free every buffer the pool holds."""
+    _free.clear()
+    _held[0] = 0
+
+
+def held_bytes() -> int:
+    """Bytes the pool holds now."""
+    return _held[0]

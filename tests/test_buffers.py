@@ -1,0 +1,67 @@
+"""The work-buffer pool (curvlab.curvature.buffers): kept per-sample gradients go back to
+the pool when their Gram object is collected and are reused by the next one, without
+changing any result and never while an object (or a copy of one) still holds them."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab
+from curvlab.config import options
+from curvlab.curvature import buffers
+
+
+def _problem(seed: int):
+    """A float32 conv net whose conv layer takes the per-sample route (T = 16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 8, 3), nn.Tanh(), nn.Flatten(), nn.Linear(128, 5))
+    gen = torch.Generator().manual_seed(seed)
+    X, y = torch.randn(32, 3, 18, generator=gen), torch.randint(0, 5, (32,), generator=gen)
+    return curvlab.capture(
+        model, nn.CrossEntropyLoss(), X, y, "mc", generator=torch.Generator().manual_seed(seed)
+    )
+
+
+@pytest.fixture(autouse=True)
+def _empty_pool():
+    buffers.release_buffers()
+    yield
+    buffers.release_buffers()
+
+
+def test_buffers_return_and_are_reused_without_changing_results():
+    fresh = [curvlab.ExactFisher(_problem(s)).natural_gradient(1e-3) for s in (1, 2)]
+    buffers.release_buffers()
+    fisher = curvlab.ExactFisher(_problem(1))
+    first = fisher.natural_gradient(1e-3)
+    assert fisher._kept and buffers.held_bytes() > 0  # kept gradients, chunk buffer pooled
+    held = buffers.held_bytes()
+    del fisher
+    gc.collect()
+    assert buffers.held_bytes() > held  # the kept per-sample gradients came back
+    second = curvlab.ExactFisher(_problem(2)).natural_gradient(1e-3)  # reuses them
+    assert torch.equal(first, fresh[0]) and torch.equal(second, fresh[1])
+
+
+def test_a_copy_keeps_its_buffers():
+    fisher = curvlab.ExactFisher(_problem(1))
+    twin = copy.copy(fisher)
+    v = torch.randn(fisher.num_params, generator=torch.Generator().manual_seed(3))
+    before = twin.solve(v, 1e-3)
+    del fisher
+    gc.collect()
+    curvlab.ExactFisher(_problem(2)).natural_gradient(1e-3)  # would reuse freed buffers
+    assert torch.equal(twin.solve(v, 1e-3), before)
+
+
+def test_pool_stays_within_half_the_budget(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(options, "memory_budget", 2 * 4096)
+    buffers.give([torch.empty(1024), torch.empty(1024), torch.empty(1024)])  # 4 KiB each
+    assert buffers.held_bytes() == 4096
+    assert buffers.take(1024, torch.float32, torch.device("cpu")).numel() == 1024
+    assert buffers.held_bytes() == 0
