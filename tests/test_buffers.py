@@ -59,6 +59,16 @@ def test_a_copy_keeps_its_buffers():
     assert torch.equal(twin.solve(v, 1e-3), before)
 
 
+def test_a_new_size_empties_the_pool():
+    """Buffers of an earlier problem do not stay once other sizes are asked for."""
+    buffers.give([torch.empty(1000), torch.empty(2000, dtype=torch.float64)])
+    assert buffers.held_bytes() == 4000 + 16000
+    assert buffers.take(1000, torch.float32, torch.device("cpu")).numel() == 1000  # a hit
+    assert buffers.held_bytes() == 16000
+    buffers.take(3000, torch.float32, torch.device("cpu"))  # a miss
+    assert buffers.held_bytes() == 0
+
+
 def test_pool_stays_within_half_the_budget(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(options, "memory_budget", 2 * 4096)
     buffers.give([torch.empty(1024), torch.empty(1024), torch.empty(1024)])  # 4 KiB each

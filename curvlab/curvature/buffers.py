@@ -9,9 +9,11 @@ this pool and given back when their owner is collected, to be reused by the next
 that asks for the same size and dtype.  Tensors handed to users (a capture's rows, any
 result) never come from here.
 
-The pool keeps at most half of ``curvlab.config.options.memory_budget``;
-:func:`release_buffers` empties it.  On other devices (CUDA has its own caching
-allocator) :func:`take` allocates and :func:`give` drops.
+The pool keeps at most half of ``curvlab.config.options.memory_budget``, and only while
+its buffers keep being asked for: a request it cannot serve (new sizes: another model,
+batch size or dtype) empties it first, so buffers of an earlier problem do not sit next
+to the new one's.  :func:`release_buffers` empties it too.  On other devices (CUDA has
+its own caching allocator) :func:`take` allocates and :func:`give` drops.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ _held = [0]  # bytes in the pool
 
 def take(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A flat tensor of ``numel`` elements (uninitialised), from the pool when one of that
-    size and dtype is there."""
+    size and dtype is there; otherwise the pool is emptied and a new one allocated."""
     if device.type == "cpu":
         stack = _free.get((numel, dtype))
         if stack:
             buf = stack.pop()
             _held[0] -= buf.numel() * buf.element_size()
             return buf
+        release_buffers()
     return torch.empty(numel, dtype=dtype, device=device)
 
 

@@ -294,7 +294,7 @@ def _promoted_chunks(x: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, Tenso
     """``(i, x[:, i:i+w] in dtype)`` over the column chunks of ``x (R, P)``, each copied
     into one reused pool buffer (:mod:`curvlab.curvature.buffers`; a fresh allocation per
     chunk costs more than its copy); a chunk is valid until the next one is yielded."""
-    w = min(_chunk_width(x), x.shape[1])
+    w = _chunk_width(x)  # the full width even for narrower x: one pool size per (R, dtype)
     flat = buffers.take(x.shape[0] * w, dtype, x.device)
     buf = flat.view(x.shape[0], w)
     try:
