@@ -1,4 +1,4 @@
-"""The work-buffer pool (curvlab.curvature.buffers): kept per-sample gradients go back to
+"""The work-buffer pool (curvlab.buffers): kept per-sample gradients go back to
 the pool when their Gram object is collected and are reused by the next one, without
 changing any result and never while an object (or a copy of one) still holds them."""
 
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import curvlab
+from curvlab import buffers
 from curvlab.config import options
-from curvlab.curvature import buffers
 
 
 def _problem(seed: int):
@@ -75,3 +75,39 @@ def test_pool_stays_within_half_the_budget(monkeypatch: pytest.MonkeyPatch):
     assert buffers.held_bytes() == 4096
     assert buffers.take(1024, torch.float32, torch.device("cpu")).numel() == 1024
     assert buffers.held_bytes() == 0
+
+
+def test_lent_memory_is_reused_only_when_nothing_references_it():
+    """A lent buffer comes back only when no tensor, view, detached alias or numpy array
+    shares its memory any more."""
+    cpu = torch.device("cpu")
+    first = buffers.lend(1000, torch.float32, cpu)
+    ptr = first.data_ptr()
+    assert buffers.lend(1000, torch.float32, cpu).data_ptr() != ptr  # first still held
+    for alias in (lambda t: t[10:20], lambda t: t.detach(), lambda t: t.numpy()):
+        held = alias(first)
+        del first
+        assert buffers.lend(1000, torch.float32, cpu).data_ptr() != ptr, alias
+        first = buffers.lend(1000, torch.float32, cpu)  # the alias's buffer stays untouched
+        assert first.data_ptr() != ptr
+        del held, first
+        first = buffers.lend(1000, torch.float32, cpu)
+        assert first.data_ptr() == ptr  # now free: reused
+    second = buffers.lend(1000, torch.float32, cpu)
+    assert second.data_ptr() != first.data_ptr()
+
+
+def test_captures_reuse_patch_memory_without_changing_results():
+    """Conv patches (``LayerCapture.a``) of a later capture reuse an earlier capture's
+    memory only once that capture is gone; a capture that is still held keeps its rows."""
+    held = _problem(1)
+    rows = held.layers[0].a.clone()
+    fresh = _problem(2).layers[0].a.clone()  # the second capture is dropped at once
+    other = _problem(2)
+    assert other.layers[0].a.data_ptr() != held.layers[0].a.data_ptr()
+    assert torch.equal(held.layers[0].a, rows) and torch.equal(other.layers[0].a, fresh)
+    ptr = other.layers[0].a.data_ptr()
+    del other
+    again = _problem(2)
+    assert again.layers[0].a.data_ptr() == ptr and torch.equal(again.layers[0].a, fresh)
+    assert torch.equal(held.layers[0].a, rows)

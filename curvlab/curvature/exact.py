@@ -17,7 +17,7 @@ assembly keeps the solve within the accuracy of the captured data.  A layer's pe
 gradients (sums over its locations, :mod:`curvlab.curvature.gram`) are formed in float32
 for such captures and promoted before they meet: a rounding of the order of the captured
 data's own (within 1.01x of the attainable error in tests/test_float32_solves.py, as
-when formed in float64).  They are pool buffers (:mod:`curvlab.curvature.buffers`), given
+when formed in float64).  They are pool buffers (:mod:`curvlab.buffers`), given
 back when the object's kept dict is collected.
 
 :class:`ExactFisher` covers all layers; :class:`BlockDiagFisher` keeps only each
@@ -33,9 +33,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from curvlab import buffers
 from curvlab.capture import Capture, LayerCapture
 from curvlab.config import format_bytes, options
-from curvlab.curvature import buffers
 from curvlab.curvature.base import (
     TIE_RTOL,
     Curvature,
@@ -62,7 +62,7 @@ from curvlab.numerics import (
 
 class _Kept(dict):
     """Kept per-sample gradients by layer name; their pool buffers
-    (:mod:`curvlab.curvature.buffers`) return to the pool when this dict is collected,
+    (:mod:`curvlab.buffers`) return to the pool when this dict is collected,
     i.e. when no Gram object (or copy of one) holds it any more."""
 
     def __init__(self) -> None:

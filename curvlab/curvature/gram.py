@@ -27,8 +27,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from curvlab import buffers
 from curvlab.config import options
-from curvlab.curvature import buffers
 from curvlab.numerics import (
     SYMMETRIC_BLOCKS,
     SYMMETRIC_MIN_ROWS,
@@ -121,7 +121,7 @@ def layer_gram_and_rows(
     (:func:`promoted_mm`), so a float32 capture's Gram is still assembled in float64 (its
     per-sample gradients carry float32 rounding of the order of the captured data's
     own); a kept ``U_lᵀ`` stays in the forming dtype and is a pool buffer
-    (:mod:`curvlab.curvature.buffers`) that the caller gives back when done with it."""
+    (:mod:`curvlab.buffers`) that the caller gives back when done with it."""
     return _assemble(a, e, g, scheme, keep_bytes, dtype or a.dtype)
 
 
@@ -292,7 +292,7 @@ def _chunk_width(x: Tensor) -> int:
 
 def _promoted_chunks(x: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, Tensor]]:
     """``(i, x[:, i:i+w] in dtype)`` over the column chunks of ``x (R, P)``, each copied
-    into one reused pool buffer (:mod:`curvlab.curvature.buffers`; a fresh allocation per
+    into one reused pool buffer (:mod:`curvlab.buffers`; a fresh allocation per
     chunk costs more than its copy); a chunk is valid until the next one is yielded."""
     w = _chunk_width(x)  # the full width even for narrower x: one pool size per (R, dtype)
     flat = buffers.take(x.shape[0] * w, dtype, x.device)

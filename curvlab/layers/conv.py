@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlab import buffers
 from curvlab.layers.base import BlockLayout, Layout, MatrixKind, PerSampleKind
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -104,7 +105,8 @@ def conv_patches(x: Tensor, geo: ConvGeometry, bias: bool) -> Tensor:
     spatial = windows.shape[1 : 1 + nd]
     c_g = c // geo.groups
     d_in = c_g * math.prod(geo.kernel)
-    out = x.new_empty(n, math.prod(spatial), geo.groups, d_in + int(bias))
+    shape = (n, math.prod(spatial), geo.groups, d_in + int(bias))
+    out = buffers.lend(math.prod(shape), x.dtype, x.device).view(shape)
     patches = out[..., :d_in].unflatten(1, spatial).unflatten(-1, (c_g, *geo.kernel))
     windows = windows.unflatten(1 + nd, (geo.groups, c_g))  # (N, *out, G, C/G, *k)
     for index in itertools.product(*map(range, geo.kernel[:-1])):

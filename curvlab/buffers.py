@@ -14,6 +14,12 @@ its buffers keep being asked for: a request it cannot serve (new sizes: another 
 batch size or dtype) empties it first, so buffers of an earlier problem do not sit next
 to the new one's.  :func:`release_buffers` empties it too.  On other devices (CUDA has
 its own caching allocator) :func:`take` allocates and :func:`give` drops.
+
+Tensors that *are* handed to users (a capture's conv patch rows) may come from
+:func:`lend` instead: the pool keeps a reference to every buffer it lent and reuses one
+only when nothing else references its memory any more (its storage's use count shows no
+tensor, view or alias besides the pool's own), so memory a user still holds is never
+handed out again.  Where torch does not expose that count, :func:`lend` allocates.
 """
 
 from __future__ import annotations
@@ -54,12 +60,43 @@ def give(buffers: Iterable[Tensor]) -> None:
         _held[0] += nbytes
 
 
+_lent: list[Tensor] = []  # buffers inside tensors handed out by lend(), referenced here too
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _unreferenced(buf: Tensor) -> bool:
+    """Whether nothing but ``buf`` itself references its memory (the count includes the
+    temporary storage object of the query)."""
+    return _use_count(buf.untyped_storage()._cdata) <= 2
+
+
+def lend(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A flat tensor of ``numel`` elements (uninitialised) that may be handed to users: an
+    alias of a buffer lent before whose memory nothing references any more, or a new one.
+
+    On a miss the unreferenced lent buffers are dropped (other sizes: an earlier problem);
+    lent buffers count towards the pool's limit, above which a new one is not tracked."""
+    if device.type != "cpu" or _use_count is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    for buf in _lent:
+        if buf.numel() == numel and buf.dtype == dtype and _unreferenced(buf):
+            return buf.view(-1)  # a new alias: while the caller holds it, buf is referenced
+    _lent[:] = [buf for buf in _lent if not _unreferenced(buf)]
+    buf = torch.empty(numel, dtype=dtype, device=device)
+    lent = sum(b.numel() * b.element_size() for b in _lent)
+    if _held[0] + lent + buf.numel() * buf.element_size() <= options.memory_budget // 2:
+        _lent.append(buf)
+        return buf.view(-1)
+    return buf
+
+
 def release_buffers() -> None:
-    """Free every buffer the pool holds."""
+    """Free every buffer the pool holds (lent buffers still in use stay with their users)."""
     _free.clear()
     _held[0] = 0
+    _lent.clear()
 
 
 def held_bytes() -> int:
-    """Bytes the pool holds now."""
+    """Bytes the pool holds now for :func:`take` (lent buffers not included)."""
     return _held[0]
