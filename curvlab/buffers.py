@@ -64,10 +64,27 @@ _lent: list[Tensor] = []  # buffers inside tensors handed out by lend(), referen
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def _count(buf: Tensor) -> int:
+    return _use_count(buf.untyped_storage()._cdata)
+
+
+def _calibrate() -> int | None:
+    """The use count of a tensor's storage that nothing else references, measured on
+    this torch; ``None`` (no lending) unless one alias is seen to raise it."""
+    if _use_count is None:
+        return None
+    probe = torch.empty(1)
+    alone = _count(probe)
+    alias = probe.view(-1)  # noqa: F841  (held while counting)
+    return alone if _count(probe) > alone else None
+
+
+_ALONE = _calibrate()
+
+
 def _unreferenced(buf: Tensor) -> bool:
-    """Whether nothing but ``buf`` itself references its memory (the count includes the
-    temporary storage object of the query)."""
-    return _use_count(buf.untyped_storage()._cdata) <= 2
+    """Whether nothing but ``buf`` itself references its memory."""
+    return _count(buf) <= _ALONE
 
 
 def lend(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -76,7 +93,7 @@ def lend(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
     On a miss the unreferenced lent buffers are dropped (other sizes: an earlier problem);
     lent buffers count towards the pool's limit, above which a new one is not tracked."""
-    if device.type != "cpu" or _use_count is None:
+    if device.type != "cpu" or _ALONE is None:
         return torch.empty(numel, dtype=dtype, device=device)
     for buf in _lent:
         if buf.numel() == numel and buf.dtype == dtype and _unreferenced(buf):
