@@ -48,13 +48,17 @@ def take(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(numel, dtype=dtype, device=device)
 
 
+def _limit() -> int:
+    """Bytes the pool may hold: half the memory budget."""
+    return options.memory_budget // 2
+
+
 def give(buffers: Iterable[Tensor]) -> None:
     """Return flat buffers obtained from :func:`take` that nothing references any more;
     those that do not fit the pool's limit are dropped."""
-    limit = options.memory_budget // 2
     for buf in buffers:
         nbytes = buf.numel() * buf.element_size()
-        if buf.device.type != "cpu" or _held[0] + nbytes > limit:
+        if buf.device.type != "cpu" or _held[0] + nbytes > _limit():
             continue
         _free.setdefault((buf.numel(), buf.dtype), []).append(buf)
         _held[0] += nbytes
@@ -101,7 +105,7 @@ def lend(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     _lent[:] = [buf for buf in _lent if not _unreferenced(buf)]
     buf = torch.empty(numel, dtype=dtype, device=device)
     lent = sum(b.numel() * b.element_size() for b in _lent)
-    if _held[0] + lent + buf.numel() * buf.element_size() <= options.memory_budget // 2:
+    if _held[0] + lent + buf.numel() * buf.element_size() <= _limit():
         _lent.append(buf)
         return buf.view(-1)
     return buf

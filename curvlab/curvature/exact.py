@@ -71,6 +71,11 @@ class _Kept(dict):
         weakref.finalize(self, buffers.give, self.pooled)
 
 
+def _budget(memory_budget: int | None) -> int:
+    """The memory budget in bytes: the given one, or ``options.memory_budget``."""
+    return options.memory_budget if memory_budget is None else memory_budget
+
+
 class KeepRoom:
     """Bytes that Gram objects built together (an :class:`ExactFisher` and its blocks,
     the blocks of a :class:`BlockDiagFisher`) may still spend on kept per-sample
@@ -111,7 +116,7 @@ class GramFisher(Curvature):
         self.dtype = compute_dtype(capture.dtype)
         self._capture, self._scheme = capture, scheme
         self._sizes = [lc.info.num_params for lc in self._layers]
-        budget = options.memory_budget if memory_budget is None else memory_budget
+        budget = _budget(memory_budget)
         self._check_budget(budget)
         self._room = KeepRoom(budget // 2) if room is None else room
         self._gram: Tensor | None = None
@@ -472,8 +477,7 @@ class BlockDiagFisher(LayerwiseCurvature):
 
     def __init__(self, capture: Capture, memory_budget: int | None = None, scheme: str = "auto"):
         require_independent(capture.coupling, "BlockDiagFisher")
-        budget = options.memory_budget if memory_budget is None else memory_budget
-        room = KeepRoom(budget // 2)
+        room = KeepRoom(_budget(memory_budget) // 2)
         super().__init__(
             {
                 lc.name: exact_block(capture, lc, memory_budget, scheme, room)
@@ -515,7 +519,7 @@ def exact_block(
         block = GramFisher(capture, [layer], memory_budget, scheme, room)
         capture.exact_blocks[(layer.name, scheme)] = block
     else:
-        block._check_budget(options.memory_budget if memory_budget is None else memory_budget)
+        block._check_budget(_budget(memory_budget))
     return block
 
 

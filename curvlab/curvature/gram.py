@@ -389,10 +389,7 @@ def _gram_per_sample(
         for i in range(0, n, step):
             j = min(i + step, n)
             per_sample_gradients(a[i:j], e[i:j], out=u[i * c : j * c])
-        if grad is None:
-            gram, cross = promoted_mm(u, u, dtype), None
-        else:
-            gram, cross = promoted_gram_mv(u, grad)
+        gram, cross = promoted_gram_mv(u, grad, dtype)
         if keep:
             return gram, cross, (u, grad)
         buffers.give([u.view(-1)])
