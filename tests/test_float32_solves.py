@@ -124,7 +124,7 @@ def test_promoted_products_match_float64(monkeypatch: pytest.MonkeyPatch, shape:
     rounding."""
     from curvlab.curvature import gram
 
-    monkeypatch.setattr(gram, "PROMOTE_CHUNK_BYTES", 8 * shape[0] * 600)  # 600-col chunks
+    monkeypatch.setattr(gram, "PROMOTE_SLAB_BYTES", 8 * shape[0] * 300)  # 300-col slabs
     gen = torch.Generator().manual_seed(0)
     r, p = shape
     x, y = torch.randn(r, p, generator=gen), torch.randn(r + 2, p, generator=gen)

@@ -279,28 +279,47 @@ def per_sample_gradients(a: Tensor, e: Tensor, out: Tensor | None = None) -> Ten
     return torch.bmm(rows, a, out=out.view(n, c * o, a.shape[-1])).view(n, c, o, -1)
 
 
-# Column chunks of about this many bytes (float64) are promoted at a time, so that each
-# promoted chunk is still in cache when the product reads it (2x faster than promoting
-# a whole float32 matrix first, measured on 64 x 590k).
-PROMOTE_CHUNK_BYTES = 2 * 2**20
+# Columns are promoted in slabs of about this many bytes (float64), a stack of one slab per
+# intra-op thread at a time: the stack is copied and multiplied slab by slab (batched
+# products), so each thread reads back, from its own core's cache, the slab it promoted.
+# One chunk shared across the threads measured 2x slower on 2 cores when its halves
+# crossed between the cores' caches (benchmarks/RESULTS.md Q5), and a whole float32
+# matrix promoted first 2x slower again.
+PROMOTE_SLAB_BYTES = 2**20
 
 
-def _chunk_width(x: Tensor) -> int:
-    """Columns of ``x`` per promoted chunk (about ``PROMOTE_CHUNK_BYTES`` in float64)."""
-    return min(max(PROMOTE_CHUNK_BYTES // (8 * max(1, x.shape[0])), 512), 65536)
+def _slabs(rows: int) -> tuple[int, int]:
+    """``(slabs, width)``: slabs per promoted stack and columns per slab for ``rows`` rows."""
+    width = min(max(PROMOTE_SLAB_BYTES // (8 * max(1, rows)), 256), 65536)
+    return max(2, torch.get_num_threads()), width
 
 
-def _promoted_chunks(x: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, Tensor]]:
-    """``(i, x[:, i:i+w] in dtype)`` over the column chunks of ``x (R, P)``, each copied
-    into one reused pool buffer (:mod:`curvlab.buffers`; a fresh allocation per
-    chunk costs more than its copy); a chunk is valid until the next one is yielded."""
-    w = _chunk_width(x)  # the full width even for narrower x: one pool size per (R, dtype)
-    flat = buffers.take(x.shape[0] * w, dtype, x.device)
-    buf = flat.view(x.shape[0], w)
+def _promoted_chunks(
+    x: Tensor, dtype: torch.dtype, extra: Tensor | None = None
+) -> Iterator[tuple[int, Tensor]]:
+    """``(i, s)`` over the columns of ``x (R, P)``: ``s (k, R, w)`` in ``dtype`` holds
+    columns ``i + j w`` to ``i + (j+1) w`` of ``x`` in slab ``j`` (a full stack of
+    equal slabs, then one narrower slab for the last columns), copied into one reused
+    pool buffer (:mod:`curvlab.buffers`; a fresh allocation per chunk costs more than
+    its copy); ``s`` is valid until the next one is yielded.  With ``extra (P,)`` (of
+    ``dtype``) each slab has one more row, ``extra``'s matching part."""
+    r, p = x.shape
+    rows = r + (extra is not None)
+    slabs, w = _slabs(r)
+    # room for the extra row and the full width either way: one pool size per (R, dtype)
+    flat = buffers.take(slabs * (r + 1) * w, dtype, x.device)
     try:
-        for i in range(0, x.shape[1], w):
-            chunk = buf[:, : min(w, x.shape[1] - i)]
-            yield i, chunk.copy_(x[:, i : i + chunk.shape[1]])
+        i = 0
+        while i < p:
+            k = min(slabs, (p - i) // w)
+            width = w if k else p - i
+            k = max(k, 1)
+            s = flat[: k * rows * width].view(k, rows, width)
+            s[:, :r].copy_(x[:, i : i + k * width].view(r, k, width).transpose(0, 1))
+            if extra is not None:
+                s[:, r].copy_(extra[i : i + k * width].view(k, width))
+            yield i, s
+            i += k * width
     finally:
         buffers.give([flat])
 
@@ -312,38 +331,42 @@ def promoted_mm(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
         return x @ y.T
     if y is x:
         return promoted_gram_mv(x, None, dtype)[0]
-    out = torch.zeros(x.shape[0], y.shape[0], dtype=dtype, device=x.device)
-    for i, xc in _promoted_chunks(x, dtype):
-        out.addmm_(xc, y[:, i : i + xc.shape[1]].to(dtype).T)
-    return out
+    acc = torch.zeros(_slabs(x.shape[0])[0], x.shape[0], y.shape[0], dtype=dtype, device=x.device)
+    for i, s in _promoted_chunks(x, dtype):
+        k, _, w = s.shape
+        ys = y[:, i : i + k * w].view(y.shape[0], k, w).transpose(0, 1).to(dtype)
+        acc[:k].baddbmm_(s, ys.mT)
+    return acc.sum(0)
 
 
 def promoted_gram_mv(
     x: Tensor, v: Tensor | None, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor | None]:
     """``x xᵀ`` and ``x v`` (``None`` without ``v``) in ``dtype`` (``v``'s when given)
-    for ``x (R, P)`` of that dtype or a narrower one: each column chunk is promoted once
-    for both."""
+    for ``x (R, P)`` of that dtype or a narrower one: each column chunk is promoted once,
+    ``v`` as one more row, and one product gives both."""
     dtype = dtype if v is None else v.dtype
     if x.dtype == dtype:
         return x @ x.T, None if v is None else x @ v
-    gram = torch.zeros(x.shape[0], x.shape[0], dtype=dtype, device=x.device)
-    xv = None if v is None else gram.new_zeros(x.shape[0])
-    for i, xc in _promoted_chunks(x, dtype):
-        gram.addmm_(xc, xc.T)
-        if xv is not None:
-            xv.addmv_(xc, v[i : i + xc.shape[1]])
-    return gram, xv
+    r = x.shape[0]
+    rows = r + (v is not None)
+    acc = torch.zeros(_slabs(r)[0], rows, rows, dtype=dtype, device=x.device)
+    for _, s in _promoted_chunks(x, dtype, extra=v):
+        acc[: s.shape[0]].baddbmm_(s, s.mT)
+    out = acc.sum(0)
+    return out[:r, :r], None if v is None else out[:r, r]
 
 
 def promoted_mv(x: Tensor, v: Tensor) -> Tensor:
     """``x v`` in ``v``'s dtype for ``x (R, P)`` of that dtype or a narrower one."""
     if x.dtype == v.dtype:
         return x @ v
-    out = v.new_zeros(x.shape[0])
-    for i, xc in _promoted_chunks(x, v.dtype):
-        out.addmv_(xc, v[i : i + xc.shape[1]])
-    return out
+    r = x.shape[0]
+    acc = v.new_zeros(_slabs(r)[0], r, 1)
+    for i, s in _promoted_chunks(x, v.dtype):
+        k, _, w = s.shape
+        acc[:k].baddbmm_(s, v[i : i + k * w].view(k, w, 1))
+    return acc.sum(0).view(r)
 
 
 def promoted_tmv(x: Tensor, c: Tensor, out: Tensor, alpha: float = 1.0) -> Tensor:
@@ -351,8 +374,12 @@ def promoted_tmv(x: Tensor, c: Tensor, out: Tensor, alpha: float = 1.0) -> Tenso
     narrower one, ``c (R,)``, ``out (P,)``."""
     if x.dtype == out.dtype:
         return out.addmv_(x.T, c, alpha=alpha)
-    for i, xc in _promoted_chunks(x, out.dtype):  # row-major chunks times their transpose
-        out[i : i + xc.shape[1]].addmv_(xc.T, c, alpha=alpha)
+    r = x.shape[0]
+    for i, s in _promoted_chunks(x, out.dtype):
+        k, _, w = s.shape
+        # cᵀ times each slab (reading it row by row, as it lies), into out's part
+        part = out[i : i + k * w].view(k, 1, w)
+        part.baddbmm_(c.view(1, 1, r).expand(k, 1, r), s, alpha=alpha)
     return out
 
 
