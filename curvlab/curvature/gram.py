@@ -33,6 +33,7 @@ from curvlab.numerics import (
     SYMMETRIC_BLOCKS,
     SYMMETRIC_MIN_ROWS,
     check_choice,
+    long_tmm,
     symmetric_block_rows,
     symmetric_mm,
 )
@@ -408,7 +409,7 @@ def _gram_per_sample(
 
     grad = None
     if g is not None:
-        grad = torch.einsum("nto,ntk->ok", g.to(form), a).reshape(-1).to(dtype)
+        grad = long_tmm(g.to(form).reshape(-1, o), a.reshape(-1, d)).reshape(-1).to(dtype)
     keep = n * c * width * form.itemsize <= keep_bytes
     step = _rows_per_chunk(c * width, a.element_size())
     if keep or step >= n:

@@ -49,6 +49,7 @@ from torch.autograd.graph import GradientEdge
 
 from curvlab.config import format_bytes, options
 from curvlab.errors import MemoryBudgetError, UnsupportedModelError
+from curvlab.numerics import long_tmm
 
 
 class Layout(ABC):
@@ -140,7 +141,7 @@ class Layout(ABC):
         r = rows.reshape(-1, self.d_out)
         x = a.reshape(-1, self.d_in_h)
         n_w = self.d_out * self.d_in
-        torch.mm(r.T, x[:, : self.d_in], out=out[:n_w].view(self.d_out, self.d_in))
+        long_tmm(r, x[:, : self.d_in], out=out[:n_w].view(self.d_out, self.d_in))
         if self.has_bias:
             torch.sum(r, dim=0, out=out[n_w:])
         return out

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from curvlab import buffers
 from curvlab.layers.base import BlockLayout, Layout, MatrixKind, PerSampleKind
+from curvlab.numerics import long_tmm
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -204,7 +205,7 @@ class ConvKind(MatrixKind):
     def weight_product(self, rows: Tensor, a: Tensor, out: Tensor | None = None) -> Tensor:
         if not self.geometry.transposed:
             return super().weight_product(rows, a, out)
-        mat = rows.reshape(-1, self.d_out).T @ a.reshape(-1, self.d_in_h)
+        mat = long_tmm(rows.reshape(-1, self.d_out), a.reshape(-1, self.d_in_h))
         flat = self.to_flat(mat)
         return flat if out is None else out.copy_(flat)
 
