@@ -12,8 +12,9 @@ result) never come from here.
 The pool keeps at most half of ``curvlab.config.options.memory_budget``, and only while
 its buffers keep being asked for: a request it cannot serve (new sizes: another model,
 batch size or dtype) empties it first, so buffers of an earlier problem do not sit next
-to the new one's.  :func:`release_buffers` empties it too.  On other devices (CUDA has
-its own caching allocator) :func:`take` allocates and :func:`give` drops.
+to the new one's.  :func:`release_buffers` empties it and forgets lent buffers.  On other
+devices (CUDA has its own caching allocator) :func:`take` allocates and :func:`give`
+drops.
 
 Tensors that *are* handed to users (a capture's conv patch rows) may come from
 :func:`lend` instead: the pool keeps a reference to every buffer it lent and reuses one
@@ -37,14 +38,16 @@ _held = [0]  # bytes in the pool
 
 def take(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A flat tensor of ``numel`` elements (uninitialised), from the pool when one of that
-    size and dtype is there; otherwise the pool is emptied and a new one allocated."""
+    size and dtype is there; otherwise the pool's free buffers are dropped and a new one
+    allocated (lent buffers stay tracked)."""
     if device.type == "cpu":
         stack = _free.get((numel, dtype))
         if stack:
             buf = stack.pop()
             _held[0] -= buf.numel() * buf.element_size()
             return buf
-        release_buffers()
+        _free.clear()  # an earlier problem's buffers (lent ones stay tracked: lend drops those)
+        _held[0] = 0
     return torch.empty(numel, dtype=dtype, device=device)
 
 

@@ -69,6 +69,19 @@ def test_a_new_size_empties_the_pool():
     assert buffers.held_bytes() == 0
 
 
+def test_a_take_miss_keeps_lent_buffers_tracked():
+    """Emptying the pool on a miss of :func:`~curvlab.buffers.take` leaves the lent
+    buffers' tracking alone: memory lent earlier and no longer referenced is lent again."""
+    cpu = torch.device("cpu")
+    lent = buffers.lend(1000, torch.float32, cpu)
+    ptr = lent.data_ptr()
+    del lent
+    buffers.take(3000, torch.float32, cpu)  # a miss
+    # still tracked (checked on the pool itself: a fresh allocation could land at ptr too)
+    assert [b.data_ptr() for b in buffers._lent] == [ptr]
+    assert buffers.lend(1000, torch.float32, cpu).data_ptr() == ptr
+
+
 def test_pool_stays_within_half_the_budget(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(options, "memory_budget", 2 * 4096)
     buffers.give([torch.empty(1024), torch.empty(1024), torch.empty(1024)])  # 4 KiB each
