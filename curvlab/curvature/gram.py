@@ -283,9 +283,9 @@ def per_sample_gradients(a: Tensor, e: Tensor, out: Tensor | None = None) -> Ten
 # Columns are promoted in slabs of about this many bytes (float64), a stack of one slab per
 # intra-op thread at a time: the stack is copied and multiplied slab by slab (batched
 # products), so each thread reads back, from its own core's cache, the slab it promoted.
-# One chunk shared across the threads measured 2x slower on 2 cores when its halves
-# crossed between the cores' caches (benchmarks/RESULTS.md Q5), and a whole float32
-# matrix promoted first 2x slower again.
+# One chunk shared across the threads measured up to 2x slower on 2 cores, in processes
+# where its halves crossed between the cores' caches, and the product of the whole
+# promoted matrix 1.1-1.25x slower even before its promotion (benchmarks/RESULTS.md Q5).
 PROMOTE_SLAB_BYTES = 2**20
 
 
