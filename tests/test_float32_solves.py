@@ -117,14 +117,18 @@ def test_float32_solve_within_attainable_error(path: str, fisher: str, kind: str
             assert ratio <= FACTOR, (path, fisher, vector, damping, ratio)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
 @pytest.mark.parametrize("shape", [(8, 5000), (3, 1700), (64, 513)])
-def test_promoted_products_match_float64(monkeypatch: pytest.MonkeyPatch, shape: tuple):
+def test_promoted_products_match_float64(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple, threads: int
+):
     """The chunk-wise promoted products of float32 per-sample gradients equal the float64
-    products of the promoted matrix (several chunks and a partial last one), to float64
-    rounding."""
+    products of the promoted matrix (several stacks of slabs, one per thread, and a
+    partial last one), to float64 rounding."""
     from curvlab.curvature import gram
 
     monkeypatch.setattr(gram, "PROMOTE_SLAB_BYTES", 8 * shape[0] * 300)  # 300-col slabs
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # slabs per stack
     gen = torch.Generator().manual_seed(0)
     r, p = shape
     x, y = torch.randn(r, p, generator=gen), torch.randn(r + 2, p, generator=gen)
