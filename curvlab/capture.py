@@ -18,6 +18,7 @@ from torch.autograd.graph import get_gradient_edge
 from curvlab.errors import OptionError, ShapeError, UnsupportedModelError
 from curvlab.independence import sample_coupling
 from curvlab.layers import LayerKind, ModuleCall, ModuleKind, find_layers, share_repeated
+from curvlab.layers.base import LocationProducts
 from curvlab.losses import (
     FISHER_TYPES,
     check_column_budget,
@@ -56,6 +57,9 @@ class LayerCapture:
             convolutions), one capture per group in that group's own layout (its
             patches ``(N, T, d_in_h)`` and output rows ``(C', N, T, C_out/G)``), from
             which the Kronecker methods build one factor pair per group; else ``None``.
+        products: A route to the location products ``ā_nt · ā_ms`` cheaper than ``a``'s
+            own (a stride-1 convolution's input channel products), which the
+            location-pair Gram then uses; else ``None``.
     """
 
     info: LayerKind
@@ -64,6 +68,7 @@ class LayerCapture:
     g: Tensor | None = None
     locations: tuple[int, ...] = ()
     groups: list[LayerCapture] | None = None
+    products: LocationProducts | None = None
 
     @property
     def name(self) -> str:
@@ -325,7 +330,8 @@ def capture(
                 LayerCapture(lay, ga[k], columns(grows[k]), grows[k, 0], locations)
                 for k, lay in enumerate(info.group_layouts)
             ]
-        records.append(LayerCapture(info, a, columns(rows), rows[0], locations, groups))
+        products = info.location_products(mine)
+        records.append(LayerCapture(info, a, columns(rows), rows[0], locations, groups, products))
         if grad is not None:
             info.weight_product(rows[0], a, out=grad[info.slice])
     return Capture(

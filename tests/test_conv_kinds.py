@@ -38,6 +38,7 @@ from torch.func import functional_call, jacrev
 
 import curvlab
 from curvlab.layers import find_layers
+from curvlab.layers.conv import InputProducts
 
 N = 5
 NUM_OUT = 3
@@ -175,6 +176,38 @@ def test_exact_objects(name, loss_name, fisher):
     D = torch.block_diag(F[s, s], F[s.stop :, s.stop :])
     bd = curvlab.BlockDiagFisher(capt)
     R.assert_close_all(R.interface_errors(bd, D, DAMPINGS), RTOL, f"BlockDiagFisher {name}")
+
+
+@pytest.mark.parametrize("name", [name for name in VARIANTS if name not in GROUPED])
+def test_pairs_through_input_products(name, monkeypatch: pytest.MonkeyPatch):
+    """The location products ``ā·ā'`` from the input's channel products
+    (:class:`InputProducts`) equal the patches' own for every geometry here (padding
+    modes, ``'same'``, dilation, stride, transposed, bias or not), to float64 rounding;
+    the location-pair Gram built on them gives every member of ExactFisher and its
+    natural gradient as the dense reference does; and a capture attaches them exactly
+    where they cost fewer multiply-adds than the patches' products."""
+    model, loss_fn, X, y = build(name, "ce-mean")
+    capt = capture(name, "ce-mean", "mc")
+    lc = capt.layers[0]
+    products = InputProducts.of(X, lc.info.geometry, lc.info.has_bias)
+    n, t, d = lc.a.shape
+    flat = lc.a.reshape(n * t, d)
+    expect = (flat @ flat.T).view(n, t, n, t)
+    assert torch.allclose(products(0, n, n, torch.float64), expect, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(products(2, 4, 3, torch.float64), expect[2:4, :, :3], atol=1e-12)
+    with monkeypatch.context() as m:  # one sample's grid at a time
+        m.setattr(curvlab.config.options, "chunk_bytes", 1)
+        assert torch.allclose(products(0, n, n, torch.float64), expect, rtol=1e-12, atol=1e-12)
+    cheaper = products.cost(n) < (n * t) ** 2 * d
+    assert (lc.products is not None) == cheaper, name
+    lc.products = products  # the pair route through them, whichever is cheaper here
+    F = dense_fisher(name, "ce-mean", "mc", capt)
+    fisher = curvlab.ExactFisher(capt, scheme="pairs")
+    R.assert_close_all(R.interface_errors(fisher, F, DAMPINGS), RTOL, name)
+    for lam in DAMPINGS:
+        expect_ng = torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=F.dtype), capt.grad)
+        got = curvlab.ExactFisher(capt, scheme="pairs").natural_gradient(lam)
+        assert R.rel_err(got, expect_ng) <= RTOL
 
 
 # ----------------------------------------------------------------------------------

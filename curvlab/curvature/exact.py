@@ -166,7 +166,9 @@ class GramFisher(Curvature):
         for lc in self._layers:
             g = lc.g if utg is not None else None
             keep = max(self._room.left, 0)
-            k, x, kept = layer_gram_and_rows(lc.a, lc.e, g, self._scheme, keep, SOLVE_DTYPE)
+            k, x, kept = layer_gram_and_rows(
+                lc.a, lc.e, g, self._scheme, keep, SOLVE_DTYPE, lc.products
+            )
             total += k
             if utg is not None:
                 utg += x

@@ -22,13 +22,14 @@ accumulate in float64 without a float64 copy of the per-sample gradients.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from curvlab import buffers
 from curvlab.config import options
+from curvlab.layers.base import LocationProducts
 from curvlab.numerics import (
     SYMMETRIC_BLOCKS,
     SYMMETRIC_MIN_ROWS,
@@ -41,20 +42,26 @@ from curvlab.numerics import (
 SCHEMES = ("auto", "pairs", "per_sample")
 
 
-def scheme_costs(n: int, c: int, t: int, d_in: int, d_out: int) -> dict[str, float]:
-    """Multiply-add counts of the two schemes for one layer."""
+def scheme_costs(
+    n: int, c: int, t: int, d_in: int, d_out: int, products: LocationProducts | None = None
+) -> dict[str, float]:
+    """Multiply-add counts of the two schemes for one layer (the location products
+    ``ā·ā'`` through ``products`` when given)."""
     rows = n * c
+    inputs = (n * t) ** 2 * d_in if products is None else products.cost(n)
     return {
-        "pairs": (rows * t) ** 2 * (d_out + 1) + (n * t) ** 2 * d_in,
+        "pairs": (rows * t) ** 2 * (d_out + 1) + inputs,
         "per_sample": rows * t * d_out * d_in + rows**2 * d_out * d_in,
     }
 
 
-def choose_scheme(n: int, c: int, t: int, d_in: int, d_out: int) -> str:
+def choose_scheme(
+    n: int, c: int, t: int, d_in: int, d_out: int, products: LocationProducts | None = None
+) -> str:
     """The cheaper exact scheme (``"pairs"`` when ``T = 1``, where both coincide)."""
     if t == 1:
         return "pairs"
-    costs = scheme_costs(n, c, t, d_in, d_out)
+    costs = scheme_costs(n, c, t, d_in, d_out, products)
     return min(costs, key=costs.get)
 
 
@@ -108,6 +115,7 @@ def layer_gram_and_rows(
     scheme: str = "auto",
     keep_bytes: int = 0,
     dtype: torch.dtype | None = None,
+    products: LocationProducts | None = None,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor | None] | None]:
     """:func:`layer_gram_and_cross` (``U_lᵀ ∇_l`` only when ``g`` is given), and the
     layer's per-column gradients ``U_lᵀ`` ``(N C', d_out·d_in_h)`` with its gradient
@@ -122,8 +130,12 @@ def layer_gram_and_rows(
     (:func:`promoted_mm`), so a float32 capture's Gram is still assembled in float64 (its
     per-sample gradients carry float32 rounding of the order of the captured data's
     own); a kept ``U_lᵀ`` stays in the forming dtype and is a pool buffer
-    (:mod:`curvlab.buffers`) that the caller gives back when done with it."""
-    return _assemble(a, e, g, scheme, keep_bytes, dtype or a.dtype)
+    (:mod:`curvlab.buffers`) that the caller gives back when done with it.
+
+    ``products`` (``LayerCapture.products``), when given, is a cheaper route to the
+    location products ``ā·ā'`` that the location-pair scheme then takes (and the
+    scheme choice counts)."""
+    return _assemble(a, e, g, scheme, keep_bytes, dtype or a.dtype, products)
 
 
 def forming_dtype(dtype: torch.dtype, result: torch.dtype) -> torch.dtype:
@@ -135,21 +147,35 @@ def forming_dtype(dtype: torch.dtype, result: torch.dtype) -> torch.dtype:
 
 
 def _assemble(
-    a: Tensor, e: Tensor, g: Tensor | None, scheme: str, keep_bytes: int, dtype: torch.dtype
+    a: Tensor,
+    e: Tensor,
+    g: Tensor | None,
+    scheme: str,
+    keep_bytes: int,
+    dtype: torch.dtype,
+    products: LocationProducts | None = None,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor | None] | None]:
     check_choice("scheme", scheme, SCHEMES)
     c, n, t, d_out = e.shape
     if scheme == "auto":
-        scheme = choose_scheme(n, c, t, a.shape[-1], d_out)
+        scheme = choose_scheme(n, c, t, a.shape[-1], d_out, products)
     if scheme == "per_sample":
         return _gram_per_sample(a, e.permute(1, 0, 2, 3), g, keep_bytes, dtype)
-    a, e = a.to(dtype), e.to(dtype)
+    e = e.to(dtype)
     g = None if g is None else g.to(dtype)
     ee = e.permute(1, 0, 2, 3)  # (N, C', T, d_out)
     if t == 1:
+        a = a.to(dtype)
         gram, cross = _gram_single_location(a[:, 0], ee[:, :, 0], None if g is None else g[:, 0])
     else:
-        gram, cross = _pairs_symmetric(a, ee, g)
+        a_flat = None if products is not None else a.to(dtype).reshape(n * t, -1)
+
+        def location_products(i: int, j: int) -> Tensor:
+            if a_flat is None:
+                return products(i, j, j, dtype)
+            return (a_flat[i * t : j * t] @ a_flat[: j * t].T).view(j - i, t, j, t)
+
+        gram, cross = _pairs_symmetric(location_products, ee, g)
     return gram, cross, None
 
 
@@ -178,28 +204,32 @@ def _gram_single_location(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tenso
     return out, cross
 
 
-def _pairs_symmetric(a: Tensor, e: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The whole location-pair Gram of ``a (N, T, d)``, ``e (N, C', T, o)`` from its lower
-    block triangle (the samples of a block against those up to the block's end),
-    mirrored; with gradient rows ``g (N, T, o)`` also ``Σ_m Σ_tt' (ā_nt·ā_mt')(e_nct·g_mt')``.
+def _pairs_symmetric(
+    products: Callable[[int, int], Tensor], e: Tensor, g: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The whole location-pair Gram of ``e (N, C', T, o)`` and the location products
+    ``products(i, j) = ā_nt·ā_ms`` ``(j − i, T, j, T)`` (samples ``n`` in ``[i, j)``,
+    ``m < j``) from its lower block triangle (the samples of a block against those up to
+    the block's end), mirrored; with gradient rows ``g (N, T, o)`` also
+    ``Σ_m Σ_tt' (ā_nt·ā_mt')(e_nct·g_mt')``.
 
     Each block's input products ``ā·ā'`` (the dominant cost for wide inputs) serve both
     ``n``'s cross term and, by their symmetry, that of the earlier samples ``m``, so every
     product of two samples' rows is formed once.  Blocks hold at least
     ``SYMMETRIC_MIN_ROWS`` location rows and at most ``chunk_bytes`` of temporaries."""
     n, c, t, o = e.shape
-    e_flat, a_flat = e.reshape(n * c * t, o), a.reshape(n * t, -1)
+    e_flat = e.reshape(n * c * t, o)
     g_flat = None if g is None else g.reshape(n * t, o)
-    out = torch.empty(n * c, n * c, dtype=a.dtype, device=a.device)
-    cross = None if g is None else a.new_zeros(n * c)
+    out = torch.empty(n * c, n * c, dtype=e.dtype, device=e.device)
+    cross = None if g is None else e.new_zeros(n * c)
     blocks = max(-(-n // SYMMETRIC_BLOCKS), -(-SYMMETRIC_MIN_ROWS // t))
-    step = min(_rows_per_chunk(t * t * n * (c + 1) ** 2, a.element_size()), blocks)
+    step = min(_rows_per_chunk(t * t * n * (c + 1) ** 2, e.element_size()), blocks)
     for i in range(0, n, step):
         j = min(i + step, n)
         b = j - i
         rows = e_flat[i * c * t : j * c * t]
         ee = (rows @ e_flat[: j * c * t].T).view(b, c, t, j, c, t)
-        aa = (a_flat[i * t : j * t] @ a_flat[: j * t].T).view(b, t, j, t)
+        aa = products(i, j)
         block = torch.einsum("bxtmys,btms->bxmy", ee, aa).reshape(b * c, j * c)
         out[i * c : j * c, : j * c] = block
         out[: i * c, i * c : j * c] = block[:, : i * c].T

@@ -42,6 +42,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -176,6 +177,17 @@ class BlockLayout(Layout):
         return self._has_bias
 
 
+class LocationProducts(Protocol):
+    """A cheaper route to a layer's location products ``ā_nt · ā_ms`` than its rows ``ā``
+    (e.g. a convolution's input channel products, :class:`~curvlab.layers.conv.InputProducts`)."""
+
+    def cost(self, n: int) -> float:
+        """Multiply-adds of all ``N² T²`` products for ``n`` samples."""
+
+    def __call__(self, lo: int, hi: int, upto: int, dtype: torch.dtype) -> Tensor:
+        """``(hi − lo, T, upto, T)``: samples ``[lo, hi)`` against samples ``[0, upto)``."""
+
+
 class LayerKind(Layout):
     """One trainable module: its layout, and how to read what the capture recorded.
 
@@ -239,6 +251,11 @@ class LayerKind(Layout):
     @abstractmethod
     def locations(self, out: Tensor) -> tuple[int, ...]:
         """Shape of the ``T`` locations for the output ``out`` of a use's call."""
+
+    def location_products(self, calls: Sequence[ModuleCall]) -> LocationProducts | None:
+        """A route to ``ā_nt · ā_ms`` cheaper than the rows :meth:`read_calls` returns,
+        for these calls, or ``None`` (the default: none is cheaper)."""
+        return None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab import buffers
-from curvlab.layers.base import BlockLayout, Layout, MatrixKind, PerSampleKind
+from curvlab.config import options
+from curvlab.layers.base import BlockLayout, Layout, MatrixKind, ModuleCall, PerSampleKind
 from curvlab.numerics import long_tmm
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -116,6 +118,107 @@ def conv_patches(x: Tensor, geo: ConvGeometry, bias: bool) -> Tensor:
     if bias:
         out[..., d_in] = 1
     return out
+
+
+@dataclass(frozen=True)
+class InputProducts:
+    """The location products ``ā_nt · ā_ms`` of a ``groups=1`` convolution's patch rows,
+    from its input's channel products: patches read the padded (transposed: dilated and
+    padded) input at kernel offsets, so
+
+        ā_nt · ā_ms = Σ_κ x̃_n[:, q(t) + κ] · x̃_m[:, q(s) + κ]  (+ 1 for the bias column)
+
+    over the kernel offsets ``κ`` (dilated), with ``q(t)`` the corner of location ``t``'s
+    window on the padded grid ``x̃``.  The channel products of the input's own positions
+    are spread over the padded grid (each grid position is an input position, copied by
+    the padding mode, or a zero), and each offset adds one strided window of that grid.
+    For a stride-1 convolution this takes about ``∏k`` times fewer multiply-adds than
+    the patches' own products.
+
+    Attributes:
+        x: The layer input, ``(N, C_in, S)`` (spatial positions flattened).
+        grid: ``(∏ padded shape,)``: the input position at each padded-grid position,
+            ``S`` where the grid holds a zero (zero padding, or the zeros a transposed
+            convolution inserts).
+        geo: The convolution's geometry.
+        padded, out: Spatial shapes of the padded grid and of the output.
+        bias: Whether the patch rows end with a 1 for a bias.
+    """
+
+    x: Tensor
+    grid: Tensor
+    geo: ConvGeometry
+    padded: tuple[int, ...]
+    out: tuple[int, ...]
+    bias: bool
+
+    @classmethod
+    def of(cls, x: Tensor, geo: ConvGeometry, bias: bool) -> InputProducts:
+        """For a ``groups=1`` convolution of geometry ``geo``, input ``(N, C_in, *spatial)``."""
+        spatial = x.shape[2:]
+        size = math.prod(spatial)
+        pos = torch.arange(size, dtype=torch.float64, device=x.device).view(1, 1, *spatial)
+        if any(s > 1 for s in geo.input_stride):
+            dilated = [(n - 1) * s + 1 for n, s in zip(spatial, geo.input_stride)]
+            grid = pos.new_full((1, 1, *dilated), -1.0)
+            grid[(..., *(slice(None, None, s) for s in geo.input_stride))] = pos
+            pos = grid
+        if any(geo.pads):
+            if geo.pad_mode == "constant":
+                pos = F.pad(pos, list(geo.pads), value=-1.0)
+            else:
+                pos = F.pad(pos, list(geo.pads), mode=geo.pad_mode)
+        padded = tuple(pos.shape[2:])
+        out = tuple(
+            (n - d * (k - 1) - 1) // s + 1
+            for n, k, s, d in zip(padded, geo.kernel, geo.stride, geo.dilation)
+        )
+        grid = pos.flatten().long()
+        grid[grid < 0] = size
+        return cls(x.flatten(2), grid, geo, padded, out, bias)
+
+    def cost(self, n: int) -> float:
+        """Multiply-adds of all ``N² T²`` products for ``n`` samples."""
+        c, s = self.x.shape[1], self.x.shape[2]
+        t = math.prod(self.out)
+        return (n * s) ** 2 * c + math.prod(self.geo.kernel) * (n * t) ** 2
+
+    def __call__(self, lo: int, hi: int, upto: int, dtype: torch.dtype) -> Tensor:
+        """``ā_nt · ā_ms`` for samples ``n`` in ``[lo, hi)`` and ``m < upto``, as
+        ``(hi − lo, T, upto, T)`` in ``dtype`` (channel products formed in ``dtype``).
+
+        Samples ``n`` are taken a few at a time, so that the padded grid of their
+        products stays within ``curvlab.config.options.chunk_bytes``."""
+        t = math.prod(self.out)
+        out = torch.empty(hi - lo, t, t, upto, dtype=dtype, device=self.x.device)
+        cols = self.x[:upto].to(dtype).transpose(1, 2).reshape(-1, self.x.shape[1])
+        per_sample = (math.prod(self.padded) + 1) ** 2 * upto * out.element_size()
+        step = max(1, options.chunk_bytes // per_sample)
+        for i in range(lo, hi, step):
+            j = min(i + step, hi)
+            self._products(i, j, cols, out[i - lo : j - lo])
+        return out.transpose(2, 3)
+
+    def _products(self, lo: int, hi: int, cols: Tensor, out: Tensor) -> None:
+        """Write ``ā_nt · ā_ms`` of samples ``[lo, hi)`` into ``out (hi − lo, T, T, M)``,
+        with ``cols`` the input rows of the ``M`` samples ``m``, ``(M S, C_in)``."""
+        s, b, upto = self.x.shape[2], hi - lo, out.shape[-1]
+        rows = self.x[lo:hi].to(cols.dtype).transpose(1, 2).reshape(-1, self.x.shape[1])
+        # (n, position, position', m): the sample m innermost, so that every offset's
+        # window below adds contiguous runs
+        channel = (rows @ cols.T).view(b, s, upto, s).permute(0, 1, 3, 2)
+        channel = F.pad(channel, (0, 0, 0, 1, 0, 1))  # position s: the grid's zeros
+        grid = channel.index_select(1, self.grid).index_select(2, self.grid)
+        grid = grid.view(b, *self.padded, *self.padded, upto)
+        windows = out.view(b, *self.out, *self.out, upto).zero_()
+        for offset in itertools.product(*map(range, self.geo.kernel)):
+            window = tuple(
+                slice(k * d, k * d + st * (o - 1) + 1, st)
+                for k, d, st, o in zip(offset, self.geo.dilation, self.geo.stride, self.out)
+            )
+            windows.add_(grid[(slice(None), *window, *window)])
+        if self.bias:
+            windows.add_(1.0)
 
 
 def conv_output_rows(g: Tensor) -> Tensor:
@@ -219,6 +322,16 @@ class ConvKind(MatrixKind):
 
     def locations(self, out: Tensor) -> tuple[int, ...]:
         return tuple(out.shape[2:])
+
+    def location_products(self, calls: Sequence[ModuleCall]) -> InputProducts | None:
+        """:class:`InputProducts` of a single call where they cost fewer multiply-adds
+        than the patches' own products (stride-1 convolutions), else ``None``."""
+        if len(calls) != 1:
+            return None
+        x, out = calls[0].x, calls[0].out
+        products = InputProducts.of(x, self.geometry, self.has_bias)
+        n, t = x.shape[0], math.prod(out.shape[2:])
+        return products if products.cost(n) < (n * t) ** 2 * self.d_in_h else None
 
 
 class GroupedConvKind(PerSampleKind):
