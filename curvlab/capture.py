@@ -330,8 +330,11 @@ def capture(
                 LayerCapture(lay, ga[k], columns(grows[k]), grows[k, 0], locations)
                 for k, lay in enumerate(info.group_layouts)
             ]
+        e = columns(rows)
         products = info.location_products(mine)
-        records.append(LayerCapture(info, a, columns(rows), rows[0], locations, groups, products))
+        if products is not None and not _pairs_take(products, a, e):
+            products = None  # the per-sample scheme is cheaper: do not hold the input
+        records.append(LayerCapture(info, a, e, rows[0], locations, groups, products))
         if grad is not None:
             info.weight_product(rows[0], a, out=grad[info.slice])
     return Capture(
@@ -349,6 +352,15 @@ def capture(
         empirical_ratio=scale * math.sqrt(c) if f.dim() == 2 else None,
         coupling=sample_coupling(model, inputs, f, watch.ambiguous),
     )
+
+
+def _pairs_take(products: LocationProducts, a: Tensor, e: Tensor) -> bool:
+    """Whether the Gram's scheme choice picks location pairs through ``products`` for
+    rows ``a (N, T, d_in_h)`` and output rows ``e (C', N, T, d_out)``."""
+    from curvlab.curvature.gram import choose_scheme  # the curvature package imports capture
+
+    c, n, t, d_out = e.shape
+    return choose_scheme(n, c, t, a.shape[-1], d_out, products) == "pairs"
 
 
 def _recorder(use: ModuleKind, saved: dict[str, list[ModuleCall]]):

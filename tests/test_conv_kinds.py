@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 import curvlab
+from curvlab.curvature.gram import choose_scheme
 from curvlab.layers import find_layers
 from curvlab.layers.conv import InputProducts
 
@@ -185,7 +186,8 @@ def test_pairs_through_input_products(name, monkeypatch: pytest.MonkeyPatch):
     modes, ``'same'``, dilation, stride, transposed, bias or not), to float64 rounding;
     the location-pair Gram built on them gives every member of ExactFisher and its
     natural gradient as the dense reference does; and a capture attaches them exactly
-    where they cost fewer multiply-adds than the patches' products."""
+    where they cost fewer multiply-adds than the patches' products and the scheme
+    choice then takes location pairs."""
     model, loss_fn, X, y = build(name, "ce-mean")
     capt = capture(name, "ce-mean", "mc")
     lc = capt.layers[0]
@@ -198,8 +200,10 @@ def test_pairs_through_input_products(name, monkeypatch: pytest.MonkeyPatch):
     with monkeypatch.context() as m:  # one sample's grid at a time
         m.setattr(curvlab.config.options, "chunk_bytes", 1)
         assert torch.allclose(products(0, n, n, torch.float64), expect, rtol=1e-12, atol=1e-12)
+    c, d_out = lc.e.shape[0], lc.e.shape[-1]
+    pairs = choose_scheme(n, c, t, d, d_out, products) == "pairs"
     cheaper = products.cost(n) < (n * t) ** 2 * d
-    assert (lc.products is not None) == cheaper, name
+    assert (lc.products is not None) == (cheaper and pairs), name
     lc.products = products  # the pair route through them, whichever is cheaper here
     F = dense_fisher(name, "ce-mean", "mc", capt)
     fisher = curvlab.ExactFisher(capt, scheme="pairs")
@@ -208,6 +212,30 @@ def test_pairs_through_input_products(name, monkeypatch: pytest.MonkeyPatch):
         expect_ng = torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=F.dtype), capt.grad)
         got = curvlab.ExactFisher(capt, scheme="pairs").natural_gradient(lam)
         assert R.rel_err(got, expect_ng) <= RTOL
+
+
+def test_capture_attaches_input_products_where_pairs_take_them():
+    """A stride-1 conv with few locations and many channels: the capture attaches its
+    input products, the automatic scheme takes location pairs through them, and
+    ExactFisher matches the dense reference (every member, and the natural gradient)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(16, 16, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, NUM_OUT)
+    ).double()
+    gen = torch.Generator().manual_seed(6)
+    X = torch.randn(N, 16, 2, 2, generator=gen, dtype=torch.float64)
+    y = make_targets("ce-mean", N, gen=gen)
+    loss_fn = make_loss("ce-mean")
+    capt = curvlab.capture(model, loss_fn, X, y, fisher="mc", generator=mc_generator(3))
+    lc = capt.layers[0]
+    assert isinstance(lc.products, InputProducts)
+    n, t, d = lc.a.shape
+    assert choose_scheme(n, lc.e.shape[0], t, d, lc.e.shape[-1], lc.products) == "pairs"
+    F = R.dense_fisher_from_columns(model, X, capt.columns, capt.scale)
+    R.assert_close_all(R.interface_errors(curvlab.ExactFisher(capt), F, DAMPINGS), RTOL, "conv")
+    for lam in DAMPINGS:
+        expect = torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=F.dtype), capt.grad)
+        assert R.rel_err(curvlab.ExactFisher(capt).natural_gradient(lam), expect) <= RTOL
 
 
 # ----------------------------------------------------------------------------------
