@@ -78,6 +78,22 @@ class ConvGeometry:
         return cls(kernel, ones, dilation, tuple(pads), "constant", tuple(m.stride), m.groups, True)
 
 
+def padded_input(x: Tensor, geo: ConvGeometry, fill: float = 0.0) -> Tensor:
+    """``(N, C, *spatial)`` -> the grid the equivalent zero-padding convolution reads:
+    dilated by ``geo.input_stride`` (transposed convolutions) and padded by ``geo.pads``
+    with ``geo.pad_mode``; inserted entries and constant padding hold ``fill``."""
+    if any(s > 1 for s in geo.input_stride):
+        size = [(n - 1) * s + 1 for n, s in zip(x.shape[2:], geo.input_stride)]
+        dilated = x.new_full((*x.shape[:2], *size), fill)
+        dilated[(..., *(slice(None, None, s) for s in geo.input_stride))] = x
+        x = dilated
+    if not any(geo.pads):
+        return x
+    if geo.pad_mode == "constant":
+        return F.pad(x, list(geo.pads), value=fill)
+    return F.pad(x, list(geo.pads), mode=geo.pad_mode)
+
+
 def conv_patches(x: Tensor, geo: ConvGeometry, bias: bool) -> Tensor:
     """Unfold a conv input ``(N, C_in, *spatial)`` into patch rows ``(N, T, G, C_in/G·∏k)``
     (columns in ``(channel, *kernel)`` order within each group), with a trailing 1 per
@@ -91,13 +107,7 @@ def conv_patches(x: Tensor, geo: ConvGeometry, bias: bool) -> Tensor:
     loops are the kernel window alone).
     """
     nd = len(geo.kernel)
-    if any(s > 1 for s in geo.input_stride):
-        size = [(n - 1) * s + 1 for n, s in zip(x.shape[2:], geo.input_stride)]
-        dilated = x.new_zeros(*x.shape[:2], *size)
-        dilated[(..., *(slice(None, None, s) for s in geo.input_stride))] = x
-        x = dilated
-    if any(geo.pads):
-        x = F.pad(x, list(geo.pads), mode=geo.pad_mode)
+    x = padded_input(x, geo)
     windows = x.movedim(1, -1)  # (N, *padded, C)
     if math.prod(geo.kernel) > 1:
         windows = windows.contiguous()
@@ -158,16 +168,7 @@ class InputProducts:
         spatial = x.shape[2:]
         size = math.prod(spatial)
         pos = torch.arange(size, dtype=torch.float64, device=x.device).view(1, 1, *spatial)
-        if any(s > 1 for s in geo.input_stride):
-            dilated = [(n - 1) * s + 1 for n, s in zip(spatial, geo.input_stride)]
-            grid = pos.new_full((1, 1, *dilated), -1.0)
-            grid[(..., *(slice(None, None, s) for s in geo.input_stride))] = pos
-            pos = grid
-        if any(geo.pads):
-            if geo.pad_mode == "constant":
-                pos = F.pad(pos, list(geo.pads), value=-1.0)
-            else:
-                pos = F.pad(pos, list(geo.pads), mode=geo.pad_mode)
+        pos = padded_input(pos, geo, fill=-1.0)  # each grid entry's input position, or -1
         padded = tuple(pos.shape[2:])
         out = tuple(
             (n - d * (k - 1) - 1) // s + 1
