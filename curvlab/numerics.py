@@ -61,7 +61,7 @@ def long_tmm(r: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
     gradient ``Σ_nt g_nt ā_ntᵀ`` from its rows over all samples and locations.
 
     For long sums (``K ≥ LONG_ROWS``, even) the two halves of the rows are multiplied as
-    one batched product and added: 1.05-1.25x faster on 2 cores than one product whose
+    one batched product and added: 1.05-1.22x faster on 2 cores than one product whose
     long sum the threads share (benchmarks/RESULTS.md Q5), and the same up to rounding.
     """
     k = r.shape[0]
