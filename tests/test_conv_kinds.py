@@ -238,6 +238,39 @@ def test_capture_attaches_input_products_where_pairs_take_them():
         assert R.rel_err(curvlab.ExactFisher(capt).natural_gradient(lam), expect) <= RTOL
 
 
+class _Residual(nn.Module):
+    """``head(x + tanh(conv(x)))``: a skip connection around a stride-1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(64, NUM_OUT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head((x + torch.tanh(self.conv(x))).flatten(1))
+
+
+def test_input_products_float32_residual_small_damping():
+    """float32 residual net, damping 1e-6: the capture attaches the conv's input products;
+    the Gram through them equals the one from the patches to float64 rounding (relative
+    1e-13: both are float64 sums of the same float32 data), and the natural gradient
+    agrees to float32 rounding (relative 1e-6)."""
+    torch.manual_seed(0)
+    model = _Residual()
+    gen = torch.Generator().manual_seed(1)
+    X, y = torch.randn(6, 16, 2, 2, generator=gen), torch.randint(0, NUM_OUT, (6,), generator=gen)
+    capt = curvlab.capture(model, nn.CrossEntropyLoss(), X, y, "mc", generator=mc_generator(1))
+    lc = capt.layers[0]
+    assert isinstance(lc.products, InputProducts)
+    through = curvlab.ExactFisher(capt)
+    gram, ng = through.gram.clone(), through.natural_gradient(1e-6)
+    lc.products = None
+    patches = curvlab.ExactFisher(capt)
+    assert R.rel_err(gram, patches.gram) <= 1e-13
+    assert ng.dtype == torch.float32
+    assert R.rel_err(ng.double(), patches.natural_gradient(1e-6).double()) <= 1e-6
+
+
 # ----------------------------------------------------------------------------------
 # Kronecker factors: the parameter-wise reference
 # ----------------------------------------------------------------------------------
